@@ -1,0 +1,127 @@
+"""REG's training objective (the release's ``SILoss``), per training step.
+
+    x_t   = alpha_t x   + sigma_t eps         cls_t = alpha_t cls + sigma_t eps_cls   (same t)
+    v     = alpha'_t x  + sigma'_t eps        v_cls = alpha'_t cls + sigma'_t eps_cls
+    total = mean ||v_theta - v||^2 + proj_coeff * proj + cls_coeff * mean ||v_cls_theta - v_cls||^2
+
+with proj the REPA alignment: mean over encoders, samples and tokens of -cos(h_phi(h_t), y_*)
+(paper eqs. for REPA and REG; spec section 2). The caller weighs the terms (train.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PATH_TYPES = ("linear", "cosine")
+WEIGHTINGS = ("uniform", "lognormal")
+PREDICTIONS = ("v",)
+
+
+def interpolant(t, path_type: str = "linear"):
+    """(alpha_t, sigma_t, alpha'_t, sigma'_t) of the stochastic interpolant x_t = alpha_t x + sigma_t eps.
+
+    The linear path's derivatives are plain numbers (-1, 1), as in the release; broadcasting
+    therefore never mixes samples whatever the shape of t."""
+    if path_type == "linear":
+        return 1 - t, t, -1, 1
+    if path_type == "cosine":
+        return (torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2),
+                -math.pi / 2 * torch.sin(t * math.pi / 2), math.pi / 2 * torch.cos(t * math.pi / 2))
+    raise ValueError(f"unknown path_type {path_type!r}; choose one of {PATH_TYPES}")
+
+
+def mean_flat(x):
+    """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
+    return torch.mean(x, dim=list(range(1, x.ndim)))
+
+
+def projection_loss(zs: Sequence[torch.Tensor], zs_tilde: Sequence[torch.Tensor]) -> torch.Tensor:
+    """REPA alignment: mean over encoders, samples and tokens of the negative cosine similarity.
+
+    Same value as the release's per-sample loop (sum over samples / (encoders x batch)),
+    computed for the whole batch at once with the features normalised in float32
+    (fp16 normalisation was reported to go NaN late in training)."""
+    if len(zs) != len(zs_tilde):
+        raise ValueError(f"got {len(zs)} encoder feature sets but the model has {len(zs_tilde)} projectors")
+    losses = []
+    for z, z_tilde in zip(zs, zs_tilde):
+        if z.shape != z_tilde.shape:
+            raise ValueError(f"encoder features {tuple(z.shape)} do not match the projector output {tuple(z_tilde.shape)} "
+                             "(REG aligns class + patch tokens; plain REPA/SiT models align patch tokens only)")
+        z = F.normalize(z.float(), dim=-1)
+        z_tilde = F.normalize(z_tilde.float(), dim=-1)
+        losses.append(-(z * z_tilde).sum(dim=-1).mean(dim=-1))       # (N,): mean over tokens
+    return torch.stack(losses).mean()
+
+
+class LossTerms(NamedTuple):
+    """In the release's order. Per-sample terms are (N,); proj_loss is a scalar."""
+    denoising_loss: torch.Tensor
+    proj_loss: torch.Tensor
+    time_input: torch.Tensor
+    noises: torch.Tensor
+    denoising_loss_cls: torch.Tensor
+
+
+class SILoss:
+    """Stochastic-interpolant loss with REG's class-token term and REPA's alignment term."""
+
+    def __init__(self, prediction: str = "v", path_type: str = "linear", weighting: str = "uniform"):
+        for name, value, choices in (("prediction", prediction, PREDICTIONS),
+                                     ("path_type", path_type, PATH_TYPES),
+                                     ("weighting", weighting, WEIGHTINGS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+        self.prediction = prediction
+        self.path_type = path_type
+        self.weighting = weighting
+
+    def sample_time(self, n: int) -> torch.Tensor:
+        """(n, 1, 1, 1) on the CPU generator, as the release draws it."""
+        if self.weighting == "uniform":
+            return torch.rand((n, 1, 1, 1))
+        s = torch.randn((n, 1, 1, 1)).exp()                            # EDM-style log-normal sigma
+        return s / (1 + s) if self.path_type == "linear" else 2 / math.pi * torch.atan(s)
+
+    def __call__(self, model, images, model_kwargs=None, zs=None, cls_token=None,
+                 time_input=None, noises=None, noises_cls=None) -> LossTerms:
+        """images (N, C, H, W) clean latents; zs: per encoder (N, L, Z) clean features;
+        cls_token (N, Z) clean class token (REG) or None (REPA/SiT). Missing random inputs are
+        drawn in the release's order: t, then eps, then eps_cls."""
+        model_kwargs = model_kwargs or {}
+        n = images.shape[0]
+        if time_input is None:
+            time_input = self.sample_time(n)
+        time_input = time_input.to(device=images.device, dtype=images.dtype).reshape(n, 1, 1, 1)
+        if noises is None:
+            noises = torch.randn_like(images)
+        if cls_token is not None and noises_cls is None:
+            noises_cls = torch.randn_like(cls_token)
+
+        alpha_t, sigma_t, d_alpha_t, d_sigma_t = interpolant(time_input, self.path_type)
+        model_input = alpha_t * images + sigma_t * noises
+        model_target = d_alpha_t * images + d_sigma_t * noises
+
+        cls_input = cls_target = None
+        if cls_token is not None:
+            # Per-sample coefficients (N, 1): the release broadcasts (N,1,1,1) x (N,Z) on the cosine path.
+            a, s, da, ds = interpolant(time_input.reshape(n, 1), self.path_type)
+            cls_input = a * cls_token + s * noises_cls
+            cls_target = da * cls_token + ds * noises_cls
+
+        output, zs_tilde, cls_output = model(model_input, time_input.flatten(), **model_kwargs, cls_token=cls_input)
+        denoising_loss = mean_flat((output - model_target) ** 2)
+
+        if cls_output is not None and cls_target is not None:
+            denoising_loss_cls = mean_flat((cls_output - cls_target) ** 2)
+        else:
+            denoising_loss_cls = torch.zeros_like(denoising_loss)
+
+        if zs:
+            proj_loss = projection_loss(zs, zs_tilde)
+        else:
+            proj_loss = torch.zeros((), device=images.device)
+        return LossTerms(denoising_loss, proj_loss, time_input, noises, denoising_loss_cls)

@@ -1,0 +1,169 @@
+"""Samplers that denoise image latents and REG's class token jointly from pure noise.
+
+* ``euler_maruyama_sampler``: the release's SDE (``--mode sde``). Times linspace(1, 0.04, n) then 0;
+  the first n-1 steps are Euler-Maruyama with diffusion w(t) = 2t, the last one (0.04 -> 0) is a
+  plain drift step that returns the mean. Drift d = v - w/2 * score, score from the velocity.
+* ``euler_sampler``: the probability-flow ODE (``--mode ode``), Euler or Heun on REPA's grid
+  linspace(1, 0, n + 1); Heun corrects every step but the last. The release has no ODE mode.
+
+Both: classifier-free guidance when cfg_scale > 1 and guidance_low <= t <= guidance_high (t of the
+step's start, for both Heun evaluations); the batch is doubled as [conditional; null class]; the
+class token is guided with ``cls_cfg_scale`` if > 0, else left conditional, and it is never dropped
+for the unconditional branch (as released). State is kept in float64; the network runs in the
+latents' dtype. Models without a class token (REPA, SiT) are sampled the same way.
+"""
+from __future__ import annotations
+
+import torch
+
+from loss import interpolant
+
+
+def velocity_to_score(v, x, t, path_type: str = "linear"):
+    """Score of p_t from the velocity: with r = alpha/alpha', var = sigma^2 - r sigma' sigma,
+    score = (r v - x) / var. t is (B,) and broadcast over x's trailing dims."""
+    t = t.view(t.shape[0], *([1] * (x.ndim - 1)))
+    alpha_t, sigma_t, d_alpha_t, d_sigma_t = interpolant(t, path_type)
+    reverse_alpha_ratio = alpha_t / d_alpha_t
+    var = sigma_t ** 2 - reverse_alpha_ratio * d_sigma_t * sigma_t
+    return (reverse_alpha_ratio * v - x) / var
+
+
+def _null_labels(model, y, null_class):
+    """Labels of the unconditional branch: the model's null class (num_classes), never a literal."""
+    if null_class is None:
+        null_class = getattr(model, "num_classes", None)
+        if null_class is None:
+            raise ValueError("pass null_class= (the index of the null class) for a model without .num_classes")
+        table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+        if table is not None and table.num_embeddings <= null_class:
+            raise ValueError("classifier-free guidance needs a model trained with class dropout > 0 "
+                             "(it has no null-class embedding); use cfg_scale 1")
+    return torch.full_like(y, null_class)
+
+
+class _Drift:
+    """One network evaluation per call, guided or not, returning float64 drifts for x and cls.
+
+    ``sde=True`` turns the velocity into the reverse-SDE drift v - w/2 score (w = 2t), computed
+    on the whole (possibly doubled) batch before guidance mixes the halves, as released."""
+
+    def __init__(self, model, y, null_class, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
+                 path_type, dtype, sde):
+        self.model, self.y, self.dtype, self.sde, self.path_type = model, y, dtype, sde, path_type
+        self.cfg_scale, self.cls_cfg_scale = cfg_scale, cls_cfg_scale
+        self.low, self.high = guidance_low, guidance_high
+        self.y_null = _null_labels(model, y, null_class) if cfg_scale > 1.0 else None
+
+    def guided(self, t) -> bool:
+        return self.cfg_scale > 1.0 and self.low <= t <= self.high
+
+    def __call__(self, x, cls, t, guided: bool):
+        if guided:
+            x_in, y_in = torch.cat([x, x]), torch.cat([self.y, self.y_null])
+            cls_in = None if cls is None else torch.cat([cls, cls])
+        else:
+            x_in, y_in, cls_in = x, self.y, cls
+        t_in = torch.ones(x_in.shape[0], device=x.device, dtype=torch.float64) * t
+        v, _, v_cls = self.model(
+            x_in.to(self.dtype), t_in.to(self.dtype), y=y_in,
+            cls_token=None if cls_in is None else cls_in.to(self.dtype), return_zs=False,
+        )
+        d = self._drift(v.to(torch.float64), x_in, t_in, t)
+        d_cls = None if cls is None else self._drift(v_cls.to(torch.float64), cls_in, t_in, t)
+        if guided:
+            d_cond, d_uncond = d.chunk(2)
+            d = d_uncond + self.cfg_scale * (d_cond - d_uncond)
+            if d_cls is not None:
+                c_cond, c_uncond = d_cls.chunk(2)
+                d_cls = c_uncond + self.cls_cfg_scale * (c_cond - c_uncond) if self.cls_cfg_scale > 0 else c_cond
+        return d, d_cls
+
+    def _drift(self, v, x_in, t_in, t):
+        if not self.sde:
+            return v
+        diffusion = 2 * t
+        return v - 0.5 * diffusion * velocity_to_score(v, x_in, t_in, self.path_type)
+
+
+def _prepare(latents, cls_latents):
+    x = latents.to(torch.float64)
+    cls = None if cls_latents is None else cls_latents.to(torch.float64)
+    return x, cls
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(
+    model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+    path_type="linear", cls_latents=None, cls_cfg_scale=0.0, null_class=None, return_cls=False,
+    noise_fn=None,
+):
+    """The release's SDE sampler. Per stochastic step it draws the image noise, then the class-token
+    noise (randn_like on the float64 state), before calling the network. ``heun`` is accepted for
+    call compatibility and ignored. ``noise_fn(like) -> tensor`` replaces torch.randn_like (e.g.
+    per-image generators, so that an image's noise does not depend on its batch).
+    Returns float64 latents (and the class token if return_cls)."""
+    noise_fn = noise_fn or torch.randn_like
+    _check(num_steps, cfg_scale, guidance_low, guidance_high)
+    drift = _Drift(model, y, null_class, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
+                   path_type, latents.dtype, sde=True)
+    t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
+    t_steps = torch.cat([t_steps, torch.tensor([0.0], dtype=torch.float64)])
+    x, cls = _prepare(latents, cls_latents)
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        dt = t_next - t_cur
+        last = i == num_steps - 1
+        if not last:  # noise first, then the network: the release's draw order
+            deps = noise_fn(x) * torch.sqrt(torch.abs(dt))
+            deps_cls = None if cls is None else noise_fn(cls) * torch.sqrt(torch.abs(dt))
+        d, d_cls = drift(x, cls, t_cur, drift.guided(t_cur))
+        if last:  # 0.04 -> 0: return the mean, no noise
+            x = x + dt * d
+            cls = None if cls is None else cls + dt * d_cls
+        else:
+            diffusion = 2 * t_cur
+            x = x + d * dt + torch.sqrt(diffusion) * deps
+            cls = None if cls is None else cls + d_cls * dt + torch.sqrt(diffusion) * deps_cls
+    return (x, cls) if return_cls else x
+
+
+@torch.no_grad()
+def euler_sampler(
+    model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+    path_type="linear", cls_latents=None, cls_cfg_scale=0.0, null_class=None, return_cls=False,
+    noise_fn=None,
+):
+    """Deterministic probability-flow ODE dx/dt = v, Euler or Heun (REPA's grid and guidance rule).
+    ``path_type`` and ``noise_fn`` do not enter (the network predicts the velocity directly;
+    there is no noise); they are accepted so both samplers take the same arguments."""
+    _check(num_steps, cfg_scale, guidance_low, guidance_high)
+    drift = _Drift(model, y, null_class, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
+                   path_type, latents.dtype, sde=False)
+    t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    x, cls = _prepare(latents, cls_latents)
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        guided = drift.guided(t_cur)  # both Heun evaluations follow t_cur's decision
+        d, d_cls = drift(x, cls, t_cur, guided)
+        x_next = x + (t_next - t_cur) * d
+        cls_next = None if cls is None else cls + (t_next - t_cur) * d_cls
+        if heun and i < num_steps - 1:
+            d_prime, d_cls_prime = drift(x_next, cls_next, t_next, guided)
+            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_prime)
+            if cls is not None:
+                cls_next = cls + (t_next - t_cur) * (0.5 * d_cls + 0.5 * d_cls_prime)
+        x, cls = x_next, cls_next
+    return (x, cls) if return_cls else x
+
+
+def _check(num_steps, cfg_scale, guidance_low, guidance_high):
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
+    if cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+    if not 0.0 <= guidance_low <= guidance_high <= 1.0:
+        raise ValueError(f"need 0 <= guidance_low <= guidance_high <= 1, got [{guidance_low}, {guidance_high}]")
+
+
+SAMPLERS = {"sde": euler_maruyama_sampler, "ode": euler_sampler}
