@@ -382,6 +382,8 @@ SIT_CONFIGS = {
     "SiT-L/2": (24, 1024, 16, 2), "SiT-L/4": (24, 1024, 16, 4), "SiT-L/8": (24, 1024, 16, 8),
     "SiT-B/2": (12, 768, 12, 2), "SiT-B/4": (12, 768, 12, 4), "SiT-B/8": (12, 768, 12, 8),
     "SiT-S/2": (12, 384, 6, 2), "SiT-S/4": (12, 384, 6, 4), "SiT-S/8": (12, 384, 6, 8),
+    # Not in the paper: a tiny size for CPU demos and tests.
+    "SiT-T/2": (4, 128, 4, 2), "SiT-T/4": (4, 128, 4, 4),
 }
 
 
@@ -403,7 +405,3 @@ def create_model(name: str, **kwargs) -> SiT:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SiT_models)}")
     return SiT_models[name](**kwargs)
 
-
-def model_config_from_name(name: str) -> dict:
-    depth, hidden, heads, patch = SIT_CONFIGS[name]
-    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)

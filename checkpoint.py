@@ -1,0 +1,121 @@
+"""Checkpoints: self-describing, written atomically, readable with ``torch.load(weights_only=True)``.
+
+Layout of ``{output_dir}/{exp_name}/checkpoints/{step:07d}.pt`` (keys of the release kept):
+    model, ema      state_dicts of the SiT
+    opt             optimizer state_dict
+    steps           optimizer steps taken
+    args            the training arguments (a plain dict)
+    model_name      e.g. "SiT-XL/2";  model_config: SiT constructor kwargs (rebuilds the model)
+    autoencoder     the latent codec spec the data was encoded with; enc_types: encoder names
+    scaler, rng, data   resume state (grad scaler, RNG states per rank, data-loader position)
+The release's checkpoints (argparse Namespace in ``args``, no ``model_config``) also load: the
+architecture is then read off the state_dict's shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+
+import torch
+
+from models.sit import SIT_CONFIGS, SiT
+
+CKPT_NAME = re.compile(r"^(\d{7})\.pt$")
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-save
+    leaves the previous checkpoint (and no half-written file under a real name)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load ours or the release's (whose args are an argparse Namespace) without unpickling code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or not ({"model", "ema"} & ckpt.keys()):
+        raise ValueError(f"{path} is not a SiT/REG/REPA training checkpoint (no 'model' or 'ema' key)")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
+    return ckpt
+
+
+def checkpoint_paths(folder: str) -> list[tuple[int, str]]:
+    """[(step, path)] sorted by step, ignoring temporary files."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := CKPT_NAME.match(name))]
+    return sorted(found)
+
+
+def prune_checkpoints(folder: str, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (keep <= 0 keeps all)."""
+    if keep > 0:
+        for _, path in checkpoint_paths(folder)[:-keep]:
+            os.remove(path)
+
+
+def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
+    """SiT constructor kwargs from a state_dict's shapes (for checkpoints that do not store them).
+
+    Shapes fix everything but the number of heads (taken from the standard size table) and
+    encoder_depth (from the stored args if any; it only places the projectors, unused at sampling)."""
+    args = args or {}
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    try:
+        hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    except KeyError:
+        raise ValueError("state_dict has no x_embedder.proj.weight: not a SiT checkpoint") from None
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    cls_token_dim = sd["cls_projectors2.weight"].shape[1] if "cls_projectors2.weight" in sd else 0
+    num_tokens = sd["pos_embed"].shape[1] - (1 if cls_token_dim else 0)
+    input_size = int(round(num_tokens ** 0.5)) * patch
+    n_proj = len({k.split(".")[1] for k in sd if k.startswith("projectors.")})
+    z_dims = [sd[f"projectors.{i}.4.weight"].shape[0] for i in range(n_proj)]
+    projector_dim = sd["projectors.0.0.weight"].shape[0] if n_proj else 2048
+    heads = next((h for d, w, h, p in SIT_CONFIGS.values() if (d, w, p) == (depth, hidden, patch)), None)
+    heads = args.get("num_heads", heads)
+    if heads is None:
+        raise ValueError(f"cannot infer the number of heads of a non-standard SiT (depth {depth}, width {hidden}); "
+                         "use a checkpoint saved by this codebase (it stores model_config)")
+    table_rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    # The release always trains with class dropout (0.1): the last row is the null class.
+    num_classes = args.get("num_classes", table_rows - 1)
+    return dict(
+        input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        class_dropout_prob=0.1 if table_rows > num_classes else 0.0, num_classes=num_classes,
+        z_dims=z_dims, projector_dim=projector_dim,
+        encoder_depth=int(args.get("encoder_depth", min(8, depth))) if n_proj else 1,
+        cls_token_dim=cls_token_dim, qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        fused_attn=True,
+    )
+
+
+def model_from_checkpoint(ckpt: dict, weights: str = "ema", **overrides) -> SiT:
+    """Rebuild the SiT a checkpoint describes and load ``weights`` ("ema" or "model") strictly."""
+    if weights not in ckpt:
+        raise ValueError(f"checkpoint has no {weights!r} weights (keys: {', '.join(sorted(ckpt))})")
+    state_dict = {k.removeprefix("module."): v for k, v in ckpt[weights].items()}
+    config = dict(ckpt.get("model_config") or infer_model_config(state_dict, ckpt.get("args")))
+    config.update(overrides)
+    model = SiT(**config)
+    model.load_state_dict(state_dict, strict=True)
+    return model
