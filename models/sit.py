@@ -296,7 +296,7 @@ class SiT(nn.Module):
         """x (N, C, H, W) latents, t (N,) in [0, 1], y (N,) labels (num_classes = null),
         cls_token (N, Z) noisy class token (REG models only).
         ``return_zs=False`` skips the projectors (sampling does not use them)."""
-        self._check_inputs(x, cls_token)
+        self._check_inputs(x, t, y, cls_token)
         x = self.x_embedder(x)                                         # (N, T, D)
         if self.cls_token_dim:
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(x.dtype)))  # (N, D)
@@ -314,10 +314,18 @@ class SiT(nn.Module):
         x, cls_out = self.final_layer(x, c)                            # (N, T, p*p*C), (N, Z) | None
         return self.unpatchify(x), zs, cls_out
 
-    def _check_inputs(self, x, cls_token):
+    def _check_inputs(self, x, t, y, cls_token):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"SiT expects latents of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        if t.ndim != 1 or t.shape[0] not in (1, n):
+            raise ValueError(f"t must have shape ({n},) (one time per sample), got {tuple(t.shape)}")
+        if y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},) (one label per sample), got {tuple(y.shape)}")
+        if not torch.compiler.is_compiling() and not y.is_cuda and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes} ({self.num_classes} = null class), "
+                             f"got {y.min().item()}..{y.max().item()}")
         if self.cls_token_dim:
             if cls_token is None:
                 raise ValueError(f"this REG model denoises a class token: pass cls_token of shape (N, {self.cls_token_dim}) "
