@@ -1,0 +1,428 @@
+"""Training data: raw uint8 images, SD-VAE latent moments, labels, and optional cached encoder outputs.
+
+Reads two on-disk layouts under one ``data_dir`` (details in preprocessing/README.md):
+
+* ours, written by ``preprocessing/dataset_tools.py``: one folder per step, each certified
+  complete by a ``manifest.json`` written last --
+  ``images/`` (PNG + dataset.json), ``vae-latents/`` (.npy [mean, std] per image, same relative
+  name as its image) and ``features-<encoder>-<cls|full>/`` (fp16 chunks of cached encoder outputs);
+* the release's: an image folder (``images/`` as in REPA, or ``imagenet_256_vae/`` as in REG)
+  next to ``vae-sd/`` (``img-mean-std-XXXXXXXX.npy`` + dataset.json).
+
+Images, latents and features are paired by name, never by sorted position; a missing
+counterpart is an error naming the file. Per-item work is one PNG decode straight to uint8
+(PIL, no float conversion) and one small ``np.load``; file lists are kept in numpy
+byte arrays so forked DataLoader workers do not copy them (no per-string refcounts).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+#################################################################################
+#                        On-disk layout (shared with the tools)                  #
+#################################################################################
+
+MANIFEST = "manifest.json"          # written last: its presence certifies a complete step
+PARTIAL = ".partial.json"           # written first: a step that started and has not finished
+LABELS = "dataset.json"             # release-compatible {"labels": [[relpath, class], ...]}
+TMP_SUFFIX = ".tmp"                 # atomic writes go through "<name>.<pid>.tmp" files
+
+OUR_IMAGES_DIR = "images"
+OUR_LATENTS_DIR = "vae-latents"
+RELEASE_IMAGE_DIRS = ("images", "imagenet_256_vae", "imagenet_512_vae")
+RELEASE_LATENT_DIRS = ("vae-sd", "vae-sd-256", "vae-sd-512")
+RELEASE_LATENT_PREFIX = "img-mean-std-"
+RELEASE_AUTOENCODER = "stabilityai/sd-vae-ft-mse"     # what the release's encode step uses
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def features_dir_name(enc_type: str, kind: str) -> str:
+    return f"features-{enc_type}-{kind}"
+
+
+def image_key(relpath: str) -> str:
+    """'00000/img00000000.png' -> '00000/img00000000' (the name shared across steps)."""
+    return os.path.splitext(relpath.replace("\\", "/"))[0]
+
+
+def latent_key(relpath: str) -> str:
+    """'00000/img00000000.npy' or release '00000/img-mean-std-00000000.npy' -> '00000/img00000000'."""
+    key = os.path.splitext(relpath.replace("\\", "/"))[0]
+    head, base = os.path.split(key)
+    if base.startswith(RELEASE_LATENT_PREFIX):
+        base = "img" + base[len(RELEASE_LATENT_PREFIX):]
+    return f"{head}/{base}" if head else base
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode("utf-8"))
+
+
+def read_json(path: str):
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def read_manifest(step_dir: str) -> dict | None:
+    path = os.path.join(step_dir, MANIFEST)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def read_labels(step_dir_or_json: str) -> dict[str, int] | None:
+    """{relpath: class} from a dataset.json, or None when absent or its labels are null."""
+    path = step_dir_or_json
+    if os.path.isdir(path):
+        path = os.path.join(path, LABELS)
+    if not os.path.isfile(path):
+        return None
+    labels = read_json(path).get("labels")
+    if labels is None:
+        return None
+    return {str(name).replace("\\", "/"): int(cls) for name, cls in labels}
+
+
+def list_files(root: str, exts: tuple[str, ...]) -> list[str]:
+    """Sorted relative paths ('/'-separated) of files under root with one of the extensions."""
+    out = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    stack.append(e.path)
+                elif e.name.lower().endswith(exts):
+                    out.append(os.path.relpath(e.path, root).replace("\\", "/"))
+    return sorted(out)
+
+
+def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
+    """Encoded image bytes -> uint8 (3, H, W) RGB tensor; no float pass, one copy out of PIL.
+
+    (torchvision.io.decode_png is a little faster but deprecated since torchvision 0.29.)
+    """
+    with PIL.Image.open(io.BytesIO(data)) as img:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        arr = np.array(img)                                             # (H, W, 3) uint8, writable
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"{name}: decoded to shape {arr.shape}, expected (H, W, 3)")
+    return torch.from_numpy(arr).permute(2, 0, 1)                       # (3, H, W) view
+
+
+def read_image(path: str) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return decode_image(f.read(), path)
+
+
+def check_step_complete(step_dir: str, what: str) -> dict | None:
+    """Manifest of a step folder; a clear error when the step was interrupted."""
+    manifest = read_manifest(step_dir)
+    if manifest is None and os.path.isfile(os.path.join(step_dir, PARTIAL)):
+        raise ValueError(f"{what} folder {step_dir} is incomplete (interrupted run?): rerun the same "
+                         f"preprocessing command to finish it")
+    return manifest
+
+
+#################################################################################
+#                                   Dataset                                      #
+#################################################################################
+
+def _as_bytes_array(strings) -> np.ndarray:
+    return np.array([s.encode("utf-8") for s in strings], dtype=np.bytes_)
+
+
+class REGDataset(Dataset):
+    """(image, latent moments, label[, cached encoder outputs]) per training example.
+
+    use_features: "auto" (use caches when every encoder in enc_types has one; full preferred),
+    True (same, but an error when missing), False, or "full" / "cls" (that kind, else an error).
+    enc_types: encoders whose cached outputs to return, in this order (None: every cached one).
+    load_images: None -> return images unless a full feature cache makes them unnecessary.
+    images_dir / latents_dir: override the folder discovery (names under data_dir, or paths).
+
+    Attributes: num_classes, resolution, latent_shape = moments_shape = (2C, h, w) (one stored
+    item), latent_channels = C, autoencoder_spec / latent_scale / latent_bias (from the latents
+    manifest), feature_kind ("none" | "cls" | "full"), enc_types, encoder_widths {name: Z}.
+
+    Items are dicts: "image" uint8 (3, R, R); "moments" float32 (2C, h, w); "label" int64 ();
+    with features, "enc_cls" list of fp16 (Z_k,) and, for a full cache, "enc_tokens" list of
+    fp16 (1 + T, Z_k), one entry per encoder (the default collate stacks each entry).
+    """
+
+    def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
+                 load_images: bool | None = None, images_dir: str | None = None,
+                 latents_dir: str | None = None):
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"data directory {data_dir} does not exist")
+        if use_features not in (True, False, "auto", "full", "cls"):
+            raise ValueError(f"use_features must be True, False, 'auto', 'full' or 'cls', got {use_features!r}")
+        if isinstance(enc_types, str):
+            enc_types = [e for e in enc_types.split(",") if e]
+        self.data_dir = data_dir
+        steps = self._scan_steps(data_dir)
+
+        # ---- latents: the item list and the labels
+        self.latents_dir, latent_manifest = self._find_latents(data_dir, steps, latents_dir)
+        latent_labels = read_labels(self.latents_dir)
+        if latent_labels is None:
+            raise FileNotFoundError(f"no labels in {os.path.join(self.latents_dir, LABELS)}: the latents "
+                                    f"folder needs its dataset.json (written by the encode step)")
+        if latent_manifest is not None:
+            latent_files = sorted(latent_labels)        # certified by the manifest
+        else:
+            latent_files = list_files(self.latents_dir, (".npy",))
+            unlabeled = [f for f in latent_files if f not in latent_labels]
+            if unlabeled:
+                raise ValueError(f"{len(unlabeled)} latent files have no label in {LABELS}, e.g. "
+                                 f"{os.path.join(self.latents_dir, unlabeled[0])}")
+        if not latent_files:
+            raise ValueError(f"no latent files in {self.latents_dir}")
+        keys = [latent_key(f) for f in latent_files]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two latent files in {self.latents_dir} map to the same image name")
+        self._keys = _as_bytes_array(keys)
+        self._latent_files = _as_bytes_array(latent_files)
+        self.labels = np.array([latent_labels[f] for f in latent_files], dtype=np.int64)
+
+        first = np.load(os.path.join(self.latents_dir, latent_files[0]), mmap_mode="r")
+        self.moments_shape = tuple(int(s) for s in first.shape)                 # (2C, h, w)
+        if len(self.moments_shape) != 3 or self.moments_shape[0] % 2:
+            raise ValueError(f"latent file {latent_files[0]} has shape {self.moments_shape}, "
+                             f"expected (2C, h, w) moments")
+        # latent_shape is the shape of one stored item, i.e. the moments (2C, h, w), as train.py reads it.
+        self.latent_shape = self.moments_shape
+        self.latent_channels = self.moments_shape[0] // 2                         # C of z
+        if latent_manifest is not None:
+            self.autoencoder_spec = latent_manifest["autoencoder"]
+            self.latent_scale = float(latent_manifest["scale"])
+            self.latent_bias = float(latent_manifest["bias"])
+            self.num_classes = int(latent_manifest["num_classes"])
+            self.resolution = int(latent_manifest["resolution"])
+        else:
+            from models.autoencoder import SD_VAE_BIAS, SD_VAE_SCALE
+            self.autoencoder_spec = RELEASE_AUTOENCODER
+            self.latent_scale, self.latent_bias = SD_VAE_SCALE, SD_VAE_BIAS
+            self.num_classes = int(self.labels.max()) + 1
+            self.resolution = None      # from the first image below, else latent size x 8
+        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            raise ValueError(f"labels in {self.latents_dir} fall outside [0, {self.num_classes})")
+
+        # ---- features
+        self._features = []             # [(name, dir, manifest)] in enc_types order
+        self.feature_kind = self._choose_features(steps, use_features, enc_types)
+        self.enc_types = [name for name, _, _ in self._features]
+        self.encoder_widths = {name: int(m["embed_dim"]) for name, _, m in self._features}
+        self._feature_rows = []
+        for name, fdir, manifest in self._features:
+            row_of = {k: i for i, k in enumerate(manifest["keys"])}
+            missing = [k for k in keys if k not in row_of]
+            if missing:
+                raise ValueError(f"{len(missing)} images have no cached {name} features in {fdir}, e.g. "
+                                 f"{missing[0]}; rerun cache-features on the same images folder")
+            self._feature_rows.append(np.array([row_of[k] for k in keys], dtype=np.int64))
+            del manifest["keys"]        # a big list of str: do not carry it into every worker
+
+        # ---- images
+        self.load_images = (self.feature_kind != "full") if load_images is None else bool(load_images)
+        self.images_dir = None
+        self._image_files = None
+        if self.load_images:
+            self.images_dir, image_files = self._find_images(data_dir, steps, images_dir)
+            by_key = {image_key(f): f for f in image_files}
+            missing = [k for k in keys if k not in by_key]
+            if missing:
+                raise ValueError(f"{len(missing)} latents have no image in {self.images_dir}, e.g. the "
+                                 f"image for {os.path.join(self.latents_dir, latent_files[keys.index(missing[0])])}")
+            extra = len(by_key) - len(keys)
+            if extra > 0:
+                key_set = set(keys)
+                orphan = next(f for k, f in by_key.items() if k not in key_set)
+                raise ValueError(f"{extra} images in {self.images_dir} have no latents, e.g. {orphan}; "
+                                 f"rerun the encode step on this images folder")
+            self._image_files = _as_bytes_array([by_key[k] for k in keys])
+            if self.resolution is None:
+                self.resolution = int(read_image(os.path.join(self.images_dir, by_key[keys[0]])).shape[-1])
+        if self.resolution is None:
+            self.resolution = self.moments_shape[-1] * 8     # release SD-VAE: /8
+        for name, fdir, manifest in self._features:
+            if int(manifest["resolution"]) != self.resolution:
+                raise ValueError(f"features in {fdir} were computed at {manifest['resolution']} px but the "
+                                 f"dataset is {self.resolution} px")
+        self._mmaps = {}
+
+    # ------------------------------------------------------------------ discovery
+    @staticmethod
+    def _scan_steps(data_dir: str) -> dict[str, list]:
+        """Complete step folders of our layout under data_dir, grouped by manifest kind."""
+        steps = {"images": [], "latents": [], "features": []}
+        for entry in sorted(os.scandir(data_dir), key=lambda e: e.name):
+            if not entry.is_dir():
+                continue
+            manifest = read_manifest(entry.path)
+            if manifest is not None and manifest.get("kind") in steps:
+                steps[manifest["kind"]].append((entry.path, manifest))
+        return steps
+
+    @staticmethod
+    def _resolve(data_dir: str, sub: str) -> str:
+        path = sub if os.path.isabs(sub) else os.path.join(data_dir, sub)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"folder {path} does not exist")
+        return path
+
+    def _find_latents(self, data_dir, steps, override):
+        if override is not None:
+            path = self._resolve(data_dir, override)
+            return path, check_step_complete(path, "latents")
+        if len(steps["latents"]) > 1:
+            names = ", ".join(os.path.basename(p) for p, _ in steps["latents"])
+            raise ValueError(f"several latent folders in {data_dir} ({names}); choose one with latents_dir=")
+        if steps["latents"]:
+            return steps["latents"][0]
+        for name in (OUR_LATENTS_DIR,) + RELEASE_LATENT_DIRS:
+            path = os.path.join(data_dir, name)
+            if os.path.isdir(path):
+                return path, check_step_complete(path, "latents")
+        raise FileNotFoundError(f"no latents folder in {data_dir}: expected {OUR_LATENTS_DIR}/ (run "
+                                f"preprocessing/dataset_tools.py encode) or the release's vae-sd/")
+
+    def _find_images(self, data_dir, steps, override):
+        if override is not None:
+            path = self._resolve(data_dir, override)
+            manifest = check_step_complete(path, "images")
+        elif len(steps["images"]) > 1:
+            names = ", ".join(os.path.basename(p) for p, _ in steps["images"])
+            raise ValueError(f"several image folders in {data_dir} ({names}); choose one with images_dir=")
+        elif steps["images"]:
+            path, manifest = steps["images"][0]
+        else:
+            path = next((os.path.join(data_dir, n) for n in RELEASE_IMAGE_DIRS
+                         if os.path.isdir(os.path.join(data_dir, n))), None)
+            if path is None:
+                raise FileNotFoundError(f"no images folder in {data_dir}: expected {OUR_IMAGES_DIR}/ (run "
+                                        f"preprocessing/dataset_tools.py convert) or imagenet_256_vae/")
+            manifest = check_step_complete(path, "images")
+        if manifest is not None:
+            labels = read_labels(path)
+            files = sorted(labels) if labels is not None else list_files(path, IMAGE_EXTS)
+        else:
+            files = list_files(path, IMAGE_EXTS)
+        return path, files
+
+    def _choose_features(self, steps, use_features, enc_types) -> str:
+        if use_features is False:
+            return "none"
+        by_enc = {}
+        for path, m in steps["features"]:
+            by_enc.setdefault(m["encoder"], {})[m["feature_kind"]] = (path, m)
+        wanted = list(enc_types) if enc_types is not None else sorted(by_enc)
+        if not wanted and enc_types is not None:
+            return "none"          # no encoder asked for: nothing to load
+        if use_features in ("full", "cls"):
+            kinds = ["full"] if use_features == "full" else ["cls", "full"]
+        else:
+            kinds = None
+            if wanted and all("full" in by_enc.get(e, {}) for e in wanted):
+                kinds = ["full"]
+            elif wanted and all(by_enc.get(e) for e in wanted):
+                kinds = ["cls", "full"]
+            if kinds is None:
+                if use_features is True:
+                    raise FileNotFoundError(f"no cached features for {', '.join(wanted) or 'any encoder'} in "
+                                            f"{self.data_dir}; run preprocessing/dataset_tools.py cache-features")
+                return "none"
+        for e in wanted:
+            have = by_enc.get(e, {})
+            kind = next((k for k in kinds if k in have), None)
+            if kind is None:
+                raise FileNotFoundError(f"no {'/'.join(kinds)} feature cache for {e} in {self.data_dir} "
+                                        f"(found: {sorted(have) or 'none'}); run cache-features --kind {kinds[0]}")
+            path, m = have[kind]
+            self._features.append((e, path, m))
+        if not self._features:
+            raise FileNotFoundError(f"no cached features in {self.data_dir}; run cache-features")
+        return kinds[0]
+
+    # ------------------------------------------------------------------ API
+    def has_features(self, enc_types=None, kind: str | None = None) -> bool:
+        """Whether this dataset returns cached outputs for every encoder in enc_types."""
+        if self.feature_kind == "none":
+            return False
+        if kind == "full" and self.feature_kind != "full":
+            return False
+        if enc_types is None:
+            return True
+        if isinstance(enc_types, str):
+            enc_types = [e for e in enc_types.split(",") if e]
+        return list(enc_types) == self.enc_types
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_mmaps"] = {}           # memory maps are reopened lazily in each worker
+        return state
+
+    def _feature_chunk(self, k: int, chunk: int) -> np.ndarray:
+        handle = self._mmaps.get((k, chunk))
+        if handle is None:
+            path = os.path.join(self._features[k][1], f"chunk-{chunk:06d}.npy")
+            handle = self._mmaps[(k, chunk)] = np.load(path, mmap_mode="r")
+        return handle
+
+    def __getitem__(self, i: int) -> dict:
+        latent_file = self._latent_files[i].decode("utf-8")
+        moments = np.load(os.path.join(self.latents_dir, latent_file))        # (2C, h, w) float32
+        if moments.shape != self.moments_shape:
+            raise ValueError(f"latent file {latent_file} has shape {moments.shape}, expected {self.moments_shape}")
+        item = {"moments": torch.from_numpy(moments.astype(np.float32, copy=False)),
+                "label": torch.tensor(self.labels[i])}
+        if self.load_images:
+            name = self._image_files[i].decode("utf-8")
+            image = read_image(os.path.join(self.images_dir, name))            # (3, R, R) uint8
+            if image.shape[-2:] != (self.resolution, self.resolution):
+                raise ValueError(f"image {name} is {image.shape[-1]}x{image.shape[-2]}, the dataset is "
+                                 f"{self.resolution}x{self.resolution}")
+            item["image"] = image
+        if self._features:
+            cls_list, tok_list = [], []
+            for k, (_, _, m) in enumerate(self._features):
+                row = int(self._feature_rows[k][i])
+                chunk = self._feature_chunk(k, row // int(m["chunk_size"]))
+                entry = chunk[row % int(m["chunk_size"])]                        # (Z,) or (1+T, Z)
+                if self.feature_kind == "full":
+                    tokens = torch.from_numpy(np.array(entry))                  # (1 + T, Z) fp16
+                    cls_list.append(tokens[0].clone())
+                    tok_list.append(tokens)
+                elif m["feature_kind"] == "full":
+                    cls_list.append(torch.from_numpy(np.array(entry[0])))       # (Z,) fp16, one row read
+                else:
+                    cls_list.append(torch.from_numpy(np.array(entry)))          # (Z,) fp16
+            item["enc_cls"] = cls_list
+            if self.feature_kind == "full":
+                item["enc_tokens"] = tok_list
+        return item
+
+    def key(self, i: int) -> str:
+        """The shared name of item i (its image path without extension)."""
+        return self._keys[i].decode("utf-8")

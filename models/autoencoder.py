@@ -1,0 +1,233 @@
+"""Image <-> latent codec and its latent scaling, in one place.
+
+The SiT models never see raw VAE latents: training feeds z = latent * scale + bias and
+sampling decodes vae.decode((z - bias) / scale). For SD-VAE the release hard-codes
+scale = 0.18215, bias = 0; this module is the only place that number lives.
+
+Specs understood by ``Autoencoder.from_spec`` (the string is recorded in manifests and
+checkpoints so the same codec can be rebuilt later):
+
+* ``"ema"`` / ``"mse"``: ``stabilityai/sd-vae-ft-ema`` / ``-mse`` (same encoder, different
+  decoder fine-tune; the release encodes with mse and decodes with ema);
+* any other Hugging Face id, a local diffusers directory, or a single
+  ``.safetensors`` / ``.ckpt`` file;
+* ``"identity"``: pixel-space stand-in (3 channels, no downsampling) for the CPU demo;
+  ``"identity-f8"`` (any factor): the same pixels folded losslessly into 3*8*8 channels on an
+  H/8 x W/8 grid (pixel unshuffle), so the token grid matches an SD-VAE's and a DINOv2
+  encoder's at the same resolution (REPA alignment needs equal token counts);
+* ``"random-tiny"``: a tiny ``AutoencoderKL`` with random weights (seed 0), for tests only.
+
+Offline use: the environment variable ``REG_VAE_PATH`` may point at a local copy, either a
+diffusers directory / single file used for every Hugging Face spec, or a folder holding one
+sub-directory per model named like the id's last part (``sd-vae-ft-mse/``, ``sd-vae-ft-ema/``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+SD_VAE_SCALE = 0.18215   # latent scaling of the Stable Diffusion VAE (release: hard-coded)
+SD_VAE_BIAS = 0.0
+
+VAE_ALIASES = {
+    "ema": "stabilityai/sd-vae-ft-ema",
+    "mse": "stabilityai/sd-vae-ft-mse",
+}
+ENV_VAE_PATH = "REG_VAE_PATH"
+SINGLE_FILE_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+#################################################################################
+#                              Loading helpers                                   #
+#################################################################################
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _missing_error(what: str, reason: str) -> FileNotFoundError:
+    first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return FileNotFoundError(
+        f"could not load the VAE {what!r} ({first_line}); without network, point --model-url / "
+        f"--vae at a local diffusers directory or .safetensors file, or set {ENV_VAE_PATH}")
+
+
+def _resolve_env_copy(hf_id: str) -> str | None:
+    """Local copy of a Hugging Face id from REG_VAE_PATH, if that variable is set."""
+    root = os.environ.get(ENV_VAE_PATH)
+    if not root:
+        return None
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{ENV_VAE_PATH}={root} does not exist; unset it or point it at a "
+                                f"local copy of {hf_id}")
+    for candidate in (os.path.join(root, hf_id), os.path.join(root, hf_id.split("/")[-1])):
+        if os.path.isdir(candidate):
+            return candidate
+    return root
+
+
+def _load_autoencoder_kl(source: str, what: str):
+    """diffusers.AutoencoderKL from a directory, a single file, or a Hugging Face id."""
+    from diffusers import AutoencoderKL
+
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise FileNotFoundError(f"VAE directory {source} has no config.json; expected a diffusers "
+                                    f"AutoencoderKL folder (save_pretrained layout)")
+        try:
+            return AutoencoderKL.from_pretrained(source, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised as one line
+            raise _missing_error(f"{what} (from {source})", e) from e
+    if source.lower().endswith(SINGLE_FILE_EXTS):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"VAE weights file {source} does not exist")
+        try:
+            return AutoencoderKL.from_single_file(source, local_files_only=_offline())
+        except Exception as e:  # noqa: BLE001
+            raise _missing_error(f"{what} (single file {source}; its diffusers config must be "
+                                 f"reachable or cached)", e) from e
+    # A Hugging Face id: cache first (no network), then the hub unless offline.
+    try:
+        return AutoencoderKL.from_pretrained(source, local_files_only=True)
+    except Exception as cache_error:  # noqa: BLE001
+        if _offline():
+            raise _missing_error(what, cache_error) from cache_error
+    try:
+        return AutoencoderKL.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001
+        raise _missing_error(what, e) from e
+
+
+def _random_tiny_autoencoder_kl():
+    """A 4-channel, /8 AutoencoderKL with a few thousand random parameters (seed 0). Tests only."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+            sample_size=32, scaling_factor=SD_VAE_SCALE)
+
+
+#################################################################################
+#                                 Autoencoder                                    #
+#################################################################################
+
+class Autoencoder:
+    """Wraps an image <-> latent codec and its latent scaling: z = latent * scale + bias.
+
+    encode_moments stores what the release stores (the posterior's [mean, std] on channels);
+    sample draws the training input from it; decode inverts the scaling and runs the decoder.
+    """
+
+    def __init__(self, spec: str, vae=None, *, latent_channels: int, downsample: int,
+                 scale: float, bias: float, device="cpu", dtype=torch.float32):
+        self.spec = spec
+        self.vae = vae                      # diffusers AutoencoderKL, or None for "identity"
+        self.latent_channels = int(latent_channels)
+        self.downsample = int(downsample)
+        self.scale = float(scale)
+        self.bias = float(bias)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if self.vae is not None:
+            self.vae = self.vae.eval().requires_grad_(False)
+            self._move_vae()
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    def from_spec(cls, spec: str, device="cpu", dtype=torch.float32) -> "Autoencoder":
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError("autoencoder spec must be a non-empty string such as 'mse', 'ema', "
+                             "a Hugging Face id, a local path, 'identity' or 'random-tiny'")
+        if spec == "identity" or spec.startswith("identity-f"):
+            f = 1 if spec == "identity" else spec.removeprefix("identity-f")
+            if not str(f).isdigit() or int(f) < 1:
+                raise ValueError(f"bad autoencoder spec {spec!r}: use 'identity' or 'identity-fN' with N a positive integer")
+            f = int(f)
+            return cls(spec, None, latent_channels=3 * f * f, downsample=f, scale=1.0, bias=0.0,
+                       device=device, dtype=dtype)
+        if spec == "random-tiny":
+            vae = _random_tiny_autoencoder_kl()
+        elif os.path.exists(spec):
+            vae = _load_autoencoder_kl(spec, spec)
+        elif spec.lower().endswith(SINGLE_FILE_EXTS) or spec.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"VAE path {spec} does not exist")
+        else:
+            hf_id = VAE_ALIASES.get(spec, spec)
+            local = _resolve_env_copy(hf_id)
+            vae = _load_autoencoder_kl(local if local else hf_id, hf_id)
+        return cls._from_autoencoder_kl(spec, vae, device, dtype)
+
+    @classmethod
+    def _from_autoencoder_kl(cls, spec, vae, device, dtype) -> "Autoencoder":
+        cfg = vae.config
+        # diffusers' config default for scaling_factor is the SD-VAE value; SD-VAE's configs agree.
+        scale = getattr(cfg, "scaling_factor", None) or SD_VAE_SCALE
+        bias = getattr(cfg, "shift_factor", None) or SD_VAE_BIAS
+        downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        return cls(spec, vae, latent_channels=cfg.latent_channels, downsample=downsample,
+                   scale=scale, bias=bias, device=device, dtype=dtype)
+
+    def to(self, device=None, dtype=None) -> "Autoencoder":
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype if dtype is not None else self.dtype
+        if self.vae is not None:
+            self._move_vae()
+        return self
+
+    def _move_vae(self):
+        # dtype only when it changes: diffusers warns about any dtype cast, even a no-op one.
+        if self.vae.dtype != self.dtype:
+            self.vae.to(dtype=self.dtype)
+        self.vae.to(self.device)
+
+    def __repr__(self):
+        return (f"Autoencoder(spec={self.spec!r}, latent_channels={self.latent_channels}, "
+                f"downsample={self.downsample}, scale={self.scale}, bias={self.bias})")
+
+    # ---------------------------------------------------------------- codec
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float32 (N, 2C, H/f, W/f): posterior [mean, std] on channels."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_moments expects uint8 images (N, 3, H, W), got "
+                             f"{tuple(images.shape)} {images.dtype}")
+        h, w = images.shape[-2:]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"image size {h}x{w} is not divisible by the autoencoder's "
+                             f"downsampling factor {self.downsample}")
+        x = images.to(self.device, torch.float32) / 127.5 - 1          # (N, 3, H, W) in [-1, 1]
+        if self.vae is None:
+            x = F.pixel_unshuffle(x, self.downsample)                   # (N, 3 f^2, H/f, W/f)
+            return torch.cat([x, torch.zeros_like(x)], dim=1)           # (N, 2C, h, w): std 0
+        dist = self.vae.encode(x.to(self.dtype)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).float()          # (N, 2C, h, w)
+
+    def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[mean, std] (N, 2C, h, w) -> z = (mean + std * eps) * scale + bias, (N, C, h, w)."""
+        if moments.ndim != 4 or moments.shape[1] != 2 * self.latent_channels:
+            raise ValueError(f"moments must be (N, {2 * self.latent_channels}, h, w) for "
+                             f"{self.spec!r}, got {tuple(moments.shape)}")
+        mean, std = moments.chunk(2, dim=1)                              # (N, C, h, w) each
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * eps) * self.scale + self.bias
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, C, h, w) -> images (N, 3, H, W), roughly in [-1, 1]."""
+        latents = (z - self.bias) / self.scale
+        if self.vae is None:
+            return F.pixel_shuffle(latents, self.downsample)
+        out = self.vae.decode(latents.to(self.device, self.dtype)).sample
+        return out.float()
+
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in ~[-1, 1] -> uint8 (N, H, W, 3), the release's truncating quantisation."""
+        x = torch.clamp(255.0 * ((x + 1) / 2), 0, 255)
+        return x.permute(0, 2, 3, 1).to(torch.uint8)

@@ -1,0 +1,737 @@
+#!/usr/bin/env python
+"""Build a training-ready dataset once: images -> PNG -> VAE latents -> cached encoder features.
+
+    python preprocessing/dataset_tools.py convert --source RAW_DIR_OR_ZIP --dest DATA/images \\
+        --resolution 256x256 --transform center-crop-dhariwal
+    python preprocessing/dataset_tools.py encode --source DATA/images --dest DATA/vae-latents \\
+        --model-url stabilityai/sd-vae-ft-mse
+    python preprocessing/dataset_tools.py cache-features --source DATA/images \\
+        --enc-type dinov2-vit-b --kind full          # -> DATA/features-dinov2-vit-b-full
+
+Every step writes into its own folder: a ``.partial.json`` marker first (its settings), each
+output file atomically (temp file + rename), ``dataset.json`` next, ``manifest.json`` last.
+Rerunning the same command resumes: finished files are skipped, the manifest appears only
+when everything is there. ``encode`` and ``cache-features`` split the work by rank under
+``torchrun`` (NCCL on GPUs, gloo on CPU); rank 0 writes the manifest after a barrier.
+Layout details: preprocessing/README.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import multiprocessing  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataset import (IMAGE_EXTS, LABELS, MANIFEST, PARTIAL, TMP_SUFFIX, atomic_write_bytes,  # noqa: E402
+                     atomic_write_json, decode_image, features_dir_name, image_key, list_files,
+                     read_json)
+
+FORMAT_VERSION = 1
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+
+
+#################################################################################
+#                          Sources: image folders and zips                       #
+#################################################################################
+
+class ImageSource:
+    """Images in a folder or a zip archive, listed once, sorted by relative path."""
+
+    def __init__(self, path: str):
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"--source {path!r} does not exist")
+        self.path = os.path.abspath(path)
+        self.is_zip = os.path.isfile(path)
+        self._zip = None
+        if self.is_zip:
+            if not zipfile.is_zipfile(path):
+                raise ValueError(f"--source {path} is a file but not a zip archive; give an image folder or a .zip")
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            self._names = set(names)
+            self.files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTS) and not n.endswith("/")
+                                and not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/")))
+        else:
+            self._names = None
+            self.files = list_files(self.path, IMAGE_EXTS)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_zip"] = None           # each worker process opens its own handle
+        return state
+
+    def read_bytes(self, relpath: str) -> bytes:
+        if self.is_zip:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            return self._zip.read(relpath)
+        with open(os.path.join(self.path, relpath), "rb") as f:
+            return f.read()
+
+    def read_json(self, name: str):
+        if self.is_zip:
+            if name not in self._names:
+                return None
+            import json
+            with zipfile.ZipFile(self.path) as z:
+                return json.loads(z.read(name))
+        path = os.path.join(self.path, name)
+        return read_json(path) if os.path.isfile(path) else None
+
+    def labels(self) -> dict[str, int] | None:
+        data = self.read_json(LABELS)
+        if data is None or data.get("labels") is None:
+            return None
+        return {str(n).replace("\\", "/"): int(c) for n, c in data["labels"]}
+
+    def require_complete(self) -> dict | None:
+        """Our manifest if this is one of our folders; an error if its step never finished."""
+        manifest = self.read_json(MANIFEST)
+        if manifest is None and not self.is_zip and os.path.isfile(os.path.join(self.path, PARTIAL)):
+            raise ValueError(f"--source {self.path} is an unfinished step (interrupted?): rerun the command "
+                             f"that writes it first")
+        return manifest
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1("\n".join(self.files).encode("utf-8")).hexdigest()
+
+
+def resolve_labels(source: ImageSource) -> tuple[dict[str, int], int, list[str] | None]:
+    """Labels from the source's dataset.json, else from sorted top-level folder names."""
+    given = source.labels()
+    if given is not None:
+        missing = [f for f in source.files if f not in given]
+        if missing:
+            raise ValueError(f"{len(missing)} images have no label in {source.path}/{LABELS}, e.g. {missing[0]}; "
+                             f"add them to its labels or remove those images")
+        return given, max(given[f] for f in source.files) + 1, None
+    at_root = [f for f in source.files if "/" not in f]
+    if at_root:
+        raise ValueError(f"{len(at_root)} images have no label, e.g. {at_root[0]}: without a {LABELS} every image "
+                         f"must sit in one folder per class (e.g. train/n01440764/x.JPEG)")
+    class_names = sorted({f.split("/")[0] for f in source.files})
+    index = {c: i for i, c in enumerate(class_names)}
+    return {f: index[f.split("/")[0]] for f in source.files}, len(class_names), class_names
+
+
+#################################################################################
+#                                 Transforms                                     #
+#################################################################################
+
+TRANSFORMS = ("center-crop-dhariwal", "center-crop", "none")
+
+
+def center_crop_dhariwal(img: PIL.Image.Image, size: int) -> np.ndarray:
+    """ADM's ImageNet crop: BOX-halve while the short side >= 2 * size, BICUBIC-scale the short
+    side to size (rounding both sides), then take the centre size x size window."""
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=PIL.Image.BOX)
+    ratio = size / min(img.size)
+    img = img.resize((round(img.width * ratio), round(img.height * ratio)), resample=PIL.Image.BICUBIC)
+    arr = np.asarray(img)                                           # (H, W, 3) uint8
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def center_crop(img: PIL.Image.Image, size: int) -> np.ndarray:
+    """Plain crop: the centred square of side min(H, W), LANCZOS-resized to size x size."""
+    arr = np.asarray(img)
+    h, w = arr.shape[:2]
+    side = min(h, w)
+    arr = arr[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+    return np.asarray(PIL.Image.fromarray(arr).resize((size, size), resample=PIL.Image.LANCZOS))
+
+
+def apply_transform(img: PIL.Image.Image, transform: str, size: int) -> np.ndarray:
+    if transform == "center-crop-dhariwal":
+        return center_crop_dhariwal(img, size)
+    if transform == "center-crop":
+        return center_crop(img, size)
+    return np.asarray(img)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """Uncompressed PNG: fast to decode in the training loop."""
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format="png", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr))
+    return buf.getvalue()
+
+
+#################################################################################
+#                       Step folders: marker, resume, manifest                   #
+#################################################################################
+
+def open_step(dest: str, kind: str, params: dict, write: bool = True) -> str:
+    """'fresh', 'resume' or 'complete' for a step folder; errors for anything else in it."""
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ValueError(f"--dest {dest} exists and is not a folder")
+    if os.path.isdir(dest):
+        manifest_path, partial_path = os.path.join(dest, MANIFEST), os.path.join(dest, PARTIAL)
+        if os.path.isfile(manifest_path):
+            manifest = read_json(manifest_path)
+            if manifest.get("kind") == kind and manifest.get("params") == params:
+                return "complete"
+            raise ValueError(f"--dest {dest} already holds a finished {manifest.get('kind')} step made with other "
+                             f"settings{_diff(manifest.get('params'), params)}; choose another --dest")
+        if os.path.isfile(partial_path):
+            marker = read_json(partial_path)
+            if marker.get("kind") == kind and marker.get("params") == params:
+                return "resume"
+            raise ValueError(f"--dest {dest} holds an unfinished step started with other settings"
+                             f"{_diff(marker.get('params'), params)}; rerun with those settings or use an empty --dest")
+        if os.listdir(dest):
+            raise ValueError(f"--dest {dest} is not empty; give a new or empty folder")
+    if write:
+        os.makedirs(dest, exist_ok=True)
+        atomic_write_json(os.path.join(dest, PARTIAL), {"kind": kind, "params": params,
+                                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return "fresh"
+
+
+def _diff(old, new) -> str:
+    if not isinstance(old, dict):
+        return ""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return f" (differs in: {', '.join(keys)})" if keys else ""
+
+
+def finish_step(dest: str, manifest: dict) -> None:
+    """Manifest last, then drop the marker and any temp files left by killed runs."""
+    atomic_write_json(os.path.join(dest, MANIFEST), manifest)
+    os.remove(os.path.join(dest, PARTIAL))
+    for root, _, files in os.walk(dest):
+        for f in files:
+            if f.endswith(TMP_SUFFIX):
+                os.remove(os.path.join(root, f))
+
+
+def _check_not_inside(dest: str, source: ImageSource) -> None:
+    d, s = os.path.abspath(dest), source.path
+    if d == s or (not source.is_zip and os.path.commonpath([d, s]) == s):
+        raise ValueError(f"--dest {dest} must not be inside --source {source.path}")
+
+
+#################################################################################
+#                                  convert                                       #
+#################################################################################
+
+_WORKER_SOURCE: ImageSource | None = None
+
+
+def _set_worker_source(source: ImageSource) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _convert_one(task) -> tuple[int, str, str]:
+    """Decode, crop and write one image. Returns (index, status, detail); status ok|bad|size."""
+    idx, relpath, out_path, transform, size = task
+    try:
+        with PIL.Image.open(io.BytesIO(_WORKER_SOURCE.read_bytes(relpath))) as f:
+            img = f.convert("RGB")          # forces a full decode: truncated files fail here
+    except DECODE_ERRORS as e:
+        return idx, "bad", f"{type(e).__name__}: {e}"
+    arr = apply_transform(img, transform, size)
+    if arr.shape != (size, size, 3):
+        return idx, "size", f"{arr.shape[1]}x{arr.shape[0]}"
+    atomic_write_bytes(out_path, png_bytes(arr))
+    return idx, "ok", ""
+
+
+def output_image_name(idx: int) -> str:
+    """Release naming: 1000 images per folder, '00012/img00012345.png'."""
+    return f"{idx // 1000:05d}/img{idx:08d}.png"
+
+
+def convert(source: str, dest: str, resolution: int, transform: str = "center-crop-dhariwal",
+            max_images: int | None = None, skip_bad_images: bool = False, workers: int = 0) -> dict:
+    """Raw images -> square uncompressed PNGs + dataset.json + manifest.json. Returns a summary."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown --transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
+    if resolution <= 0 or resolution % 16:
+        raise ValueError(f"--resolution must be a positive multiple of 16 (VAE /8, patches, DINOv2), got {resolution}")
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"--max-images must be positive, got {max_images}")
+    src = ImageSource(source)
+    if not src.files:
+        raise ValueError(f"no images found in --source {source} (looked for {', '.join(IMAGE_EXTS)})")
+    labels, num_classes, class_names = resolve_labels(src)
+    files = src.files[:max_images] if max_images else src.files
+    _check_not_inside(dest, src)
+
+    to_zip = dest.lower().endswith(".zip")
+    out_dir = dest + ".partial" if to_zip else dest
+    params = {"source": src.path, "source_fingerprint": src.fingerprint(), "resolution": resolution,
+              "transform": transform, "max_images": max_images}
+    if to_zip and os.path.exists(dest):
+        done = ImageSource(dest).read_json(MANIFEST) if zipfile.is_zipfile(dest) else None
+        if done is not None and done.get("params") == params:
+            return {"status": "complete", "written": 0, "existing": len(files), "bad": []}
+        raise ValueError(f"--dest {dest} already exists; give a new file name")
+    status = open_step(out_dir, "images", params)
+    if status == "complete":
+        return {"status": "complete", "written": 0, "existing": len(files), "bad": []}
+
+    names = [output_image_name(i) for i in range(len(files))]
+    tasks = [(i, files[i], os.path.join(out_dir, names[i]), transform, resolution)
+             for i in range(len(files)) if not os.path.isfile(os.path.join(out_dir, names[i]))]
+    existing = len(files) - len(tasks)
+    bad, written = [], 0
+    _set_worker_source(src)
+    pool = multiprocessing.Pool(workers, initializer=_set_worker_source, initargs=(src,)) if workers > 0 else None
+    try:
+        results = pool.imap_unordered(_convert_one, tasks, chunksize=8) if pool else map(_convert_one, tasks)
+        for idx, state, detail in tqdm(results, total=len(tasks), initial=0, desc="convert", unit="img"):
+            if state == "bad":
+                if not skip_bad_images:
+                    raise ValueError(f"cannot read image {os.path.join(src.path, files[idx])} ({detail}); fix or "
+                                     f"remove it, or pass --skip-bad-images to skip and count such files")
+                bad.append(files[idx])
+            elif state == "size":
+                raise ValueError(f"mixed resolutions: {os.path.join(src.path, files[idx])} is {detail}, the dataset "
+                                 f"is {resolution}x{resolution}; use --transform center-crop-dhariwal or center-crop")
+            else:
+                written += 1
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    bad_set = set(bad)
+    kept = [i for i in range(len(files)) if files[i] not in bad_set]
+    if not kept:
+        raise ValueError(f"every image in --source {source} failed to decode")
+    atomic_write_json(os.path.join(out_dir, LABELS), {"labels": [[names[i], labels[files[i]]] for i in kept]})
+    manifest = {"kind": "images", "format": FORMAT_VERSION, "params": params, "resolution": resolution,
+                "num_images": len(kept), "num_classes": num_classes, "class_names": class_names,
+                "transform": transform, "num_bad": len(bad), "bad_files": sorted(bad)[:1000]}
+    finish_step(out_dir, manifest)
+    if to_zip:
+        _pack_zip(out_dir, dest)
+    return {"status": status, "written": written, "existing": existing, "bad": sorted(bad)}
+
+
+def _pack_zip(folder: str, dest: str) -> None:
+    """Folder -> uncompressed zip (manifest last), written atomically; the folder is removed."""
+    tmp = f"{dest}.{os.getpid()}{TMP_SUFFIX}"
+    rel = list_files(folder, (".png", ".json"))
+    rel = [r for r in rel if r != MANIFEST] + [MANIFEST]
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for r in rel:
+            z.write(os.path.join(folder, r), r)
+    os.replace(tmp, dest)
+    shutil.rmtree(folder)
+
+
+#################################################################################
+#                        Distributed work splitting (torchrun)                   #
+#################################################################################
+
+class Ranks:
+    """Rank / world size from torchrun's environment; one process is rank 0 of 1.
+
+    Under torchrun a process group is created (NCCL with GPUs, gloo on CPU) only for barriers;
+    its timeout is long because ranks may wait hours for the slowest one.
+    """
+
+    def __init__(self, device: str | None = None):
+        self.owns_group = False
+        self.rank, self.world = 0, 1
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        want_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        if device is None or device == "cuda":
+            self.device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+        else:
+            self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for but CUDA is not available")
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            import torch.distributed as dist
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=timedelta(days=3))
+                self.owns_group = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def barrier(self) -> None:
+        if self.world > 1 or self.owns_group:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """(position, uint8 (3, H, W) or None, error or None) for DataLoader workers."""
+
+    def __init__(self, source: ImageSource, relpaths: list[str]):
+        self.source, self.relpaths = source, relpaths
+
+    def __len__(self):
+        return len(self.relpaths)
+
+    def __getitem__(self, i):
+        rel = self.relpaths[i]
+        try:
+            return i, decode_image(self.source.read_bytes(rel), rel), None
+        except DECODE_ERRORS as e:
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _as_list(batch):
+    return batch
+
+
+def _batches(source: ImageSource, relpaths: list[str], batch_size: int, workers: int, device):
+    """Stacked uint8 batches of equal-size images; a clear error for a bad or odd-sized file."""
+    loader = torch.utils.data.DataLoader(_ImageFiles(source, relpaths), batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=_as_list,
+                                         pin_memory=device.type == "cuda")
+    for batch in loader:
+        images = []
+        for i, img, err in batch:
+            if err is not None:
+                raise ValueError(f"cannot decode {os.path.join(source.path, relpaths[i])} ({err}); rerun convert "
+                                 f"or remove it")
+            images.append(img)
+        yield [i for i, _, _ in batch], images
+
+
+def _source_resolution(src: ImageSource, manifest: dict | None) -> int:
+    if manifest is not None and manifest.get("resolution"):
+        return int(manifest["resolution"])
+    first = decode_image(src.read_bytes(src.files[0]), src.files[0])
+    if first.shape[-1] != first.shape[-2]:
+        raise ValueError(f"images must be square, {src.files[0]} is {first.shape[-1]}x{first.shape[-2]}; run convert")
+    return int(first.shape[-1])
+
+
+def _check_sizes(images, rels, resolution: int, src: ImageSource) -> None:
+    for img, rel in zip(images, rels):
+        if img.shape[-2:] != (resolution, resolution):
+            raise ValueError(f"mixed resolutions: {os.path.join(src.path, rel)} is {img.shape[-1]}x{img.shape[-2]}, "
+                             f"expected {resolution}x{resolution}; rerun convert with one --resolution")
+
+
+def _open_source_for_step(source: str) -> tuple[ImageSource, dict | None, dict[str, int]]:
+    src = ImageSource(source)
+    manifest = src.require_complete()
+    if not src.files:
+        raise ValueError(f"no images found in --source {source}")
+    labels = src.labels()
+    if labels is None:
+        raise ValueError(f"--source {source} has no {LABELS} with labels; make it with the convert command")
+    missing = [f for f in src.files if f not in labels]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no label in {src.path}/{LABELS}, e.g. {missing[0]}")
+    seen = {}
+    for f in src.files:
+        other = seen.setdefault(image_key(f), f)
+        if other != f:
+            raise ValueError(f"{other} and {f} in {src.path} share the name {image_key(f)!r}; later steps pair "
+                             f"files by name without extension, so keep one of them")
+    return src, manifest, labels
+
+
+#################################################################################
+#                                   encode                                       #
+#################################################################################
+
+def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse", batch_size: int = 64,
+           workers: int = 4, device: str | None = None) -> dict:
+    """Images -> one float32 (2C, h, w) [mean, std] .npy per image (same relative name), labels kept."""
+    from models.autoencoder import Autoencoder
+
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    src, src_manifest, labels = _open_source_for_step(source)
+    _check_not_inside(dest, src)
+    ranks = Ranks(device)
+    try:
+        params = {"source": src.path, "source_fingerprint": src.fingerprint(), "model_url": model_url}
+        status = open_step(dest, "latents", params, write=False)
+        if status == "complete":
+            return {"status": status, "written": 0, "rank": ranks.rank, "world": ranks.world}
+        resolution = _source_resolution(src, src_manifest)
+        ae = Autoencoder.from_spec(model_url, device=ranks.device)
+        if resolution % ae.downsample:
+            raise ValueError(f"image size {resolution} is not divisible by the autoencoder's factor {ae.downsample}")
+        ranks.barrier()                 # every rank has checked --dest before rank 0 writes to it
+        if ranks.rank == 0:
+            open_step(dest, "latents", params)
+        ranks.barrier()
+
+        outputs = [image_key(f) + ".npy" for f in src.files]
+        mine = [i for i in range(ranks.rank, len(src.files), ranks.world)
+                if not os.path.isfile(os.path.join(dest, outputs[i]))]
+        rels = [src.files[i] for i in mine]
+        written = 0
+        with tqdm(total=len(mine), desc=f"encode[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
+            for pos, images in _batches(src, rels, batch_size, workers, ranks.device):
+                _check_sizes(images, [rels[p] for p in pos], resolution, src)
+                x = torch.stack(images).to(ranks.device, non_blocking=True)    # (B, 3, R, R) uint8
+                moments = ae.encode_moments(x).cpu().numpy()                     # (B, 2C, h, w) float32
+                for p, m in zip(pos, moments):
+                    atomic_write_bytes(os.path.join(dest, outputs[mine[p]]), npy_bytes(m))
+                written += len(pos)
+                bar.update(len(pos))
+        ranks.barrier()
+
+        if ranks.rank == 0:
+            missing = [o for o in outputs if not os.path.isfile(os.path.join(dest, o))]
+            if missing:
+                raise ValueError(f"{len(missing)} latent files missing after encoding (e.g. {missing[0]}); a rank "
+                                 f"failed? rerun the same command")
+            moments_shape = list(np.load(os.path.join(dest, outputs[0]), mmap_mode="r").shape)
+            atomic_write_json(os.path.join(dest, LABELS),
+                              {"labels": [[o, labels[f]] for o, f in zip(outputs, src.files)]})
+            num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
+            finish_step(dest, {
+                "kind": "latents", "format": FORMAT_VERSION, "params": params,
+                # a local path is recorded absolute so training can rebuild the codec from any cwd
+                "autoencoder": (os.path.abspath(model_url) if os.path.exists(model_url)
+                                and model_url not in ("identity", "random-tiny") else model_url),
+                "scale": ae.scale, "bias": ae.bias, "latent_channels": ae.latent_channels,
+                "downsample": ae.downsample, "moments_shape": moments_shape, "dtype": "float32",
+                "resolution": resolution, "num_files": len(outputs), "num_classes": int(num_classes)})
+        ranks.barrier()
+        return {"status": status, "written": written, "rank": ranks.rank, "world": ranks.world}
+    finally:
+        ranks.close()
+
+
+#################################################################################
+#                               cache-features                                   #
+#################################################################################
+
+def chunk_name(c: int) -> str:
+    return f"chunk-{c:06d}.npy"
+
+
+def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | None = None,
+                   batch_size: int = 64, chunk_size: int | None = None, workers: int = 4,
+                   device: str | None = None, enc_weights: str | None = None, precision: str = "fp16") -> dict:
+    """Images -> fp16 encoder outputs in chunks of chunk_size images, in sorted image-name order.
+
+    kind 'cls': (n, Z) class tokens; kind 'full': (n, 1 + T, Z) class + patch tokens.
+    """
+    from models.encoders import load_encoders, parse_enc_types
+
+    names = parse_enc_types(enc_type)
+    if len(names) != 1:
+        raise ValueError(f"cache-features takes one encoder per run, got {enc_type!r}; run it once per encoder")
+    enc_type = names[0]
+    if kind not in ("cls", "full"):
+        raise ValueError(f"--kind must be 'cls' or 'full', got {kind!r}")
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"--precision must be fp16 or fp32, got {precision!r}")
+    chunk_size = chunk_size or (1024 if kind == "cls" else 64)
+    if batch_size <= 0 or chunk_size <= 0:
+        raise ValueError("--batch-size and --chunk-size must be positive")
+    src, src_manifest, _ = _open_source_for_step(source)
+    if src.is_zip:
+        raise ValueError("cache-features reads an images folder, not a zip; unpack it next to the latents first")
+    dest = dest or os.path.join(os.path.dirname(src.path), features_dir_name(enc_type, kind))
+    _check_not_inside(dest, src)
+    ranks = Ranks(device)
+    try:
+        resolution = _source_resolution(src, src_manifest)
+        keys = [image_key(f) for f in src.files]
+        params = {"source": src.path, "source_fingerprint": src.fingerprint(), "encoder": enc_type, "kind": kind,
+                  "chunk_size": chunk_size, "precision": precision, "resolution": resolution,
+                  "enc_weights": os.path.abspath(enc_weights) if enc_weights else None}
+        status = open_step(dest, "features", params, write=False)
+        if status == "complete":
+            return {"status": status, "written_chunks": 0, "dest": dest}
+        local = {enc_type: enc_weights} if enc_weights else None
+        encoder = load_encoders([enc_type], resolution, ranks.device, local_paths=local)[0]
+        ranks.barrier()                 # every rank has checked --dest before rank 0 writes to it
+        if ranks.rank == 0:
+            open_step(dest, "features", params)
+        ranks.barrier()
+
+        num_chunks = (len(keys) + chunk_size - 1) // chunk_size
+        bounds = [(c * chunk_size, min(len(keys), (c + 1) * chunk_size)) for c in range(num_chunks)]
+        todo = [c for c in range(ranks.rank, num_chunks, ranks.world)
+                if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
+        rels = [src.files[i] for c in todo for i in range(*bounds[c])]
+        autocast = torch.autocast(ranks.device.type, dtype=torch.float16,
+                                  enabled=precision == "fp16" and ranks.device.type == "cuda")
+        pending, filled, current = [], 0, 0
+        with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
+            for pos, images in _batches(src, rels, batch_size, workers, ranks.device):
+                _check_sizes(images, [rels[p] for p in pos], resolution, src)
+                x = torch.stack(images).to(ranks.device, non_blocking=True)     # (B, 3, R, R) uint8
+                with autocast:
+                    cls, tokens = encoder(x)                                      # (B, Z), (B, 1 + T, Z)
+                out = (cls if kind == "cls" else tokens).half().cpu().numpy()
+                pending.append(out)
+                filled += len(out)
+                bar.update(len(pos))
+                # Flush every chunk that is now complete (a batch may straddle chunk boundaries).
+                while current < len(todo) and filled >= bounds[todo[current]][1] - bounds[todo[current]][0]:
+                    need = bounds[todo[current]][1] - bounds[todo[current]][0]
+                    block = np.concatenate(pending, axis=0)
+                    atomic_write_bytes(os.path.join(dest, chunk_name(todo[current])), npy_bytes(block[:need]))
+                    pending, filled, current = [block[need:]], filled - need, current + 1
+        ranks.barrier()
+
+        if ranks.rank == 0:
+            missing = [c for c in range(num_chunks) if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
+            if missing:
+                raise ValueError(f"{len(missing)} feature chunks missing (e.g. {chunk_name(missing[0])}); a rank "
+                                 f"failed? rerun the same command")
+            item_shape = [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]
+            finish_step(dest, {
+                "kind": "features", "format": FORMAT_VERSION, "params": params, "encoder": enc_type,
+                "feature_kind": kind, "embed_dim": encoder.embed_dim, "num_tokens": encoder.num_tokens,
+                "item_shape": item_shape, "dtype": "float16", "resolution": resolution,
+                "chunk_size": chunk_size, "num_chunks": num_chunks, "num_images": len(keys), "keys": keys})
+        ranks.barrier()
+        return {"status": status, "written_chunks": len(todo), "dest": dest}
+    finally:
+        ranks.close()
+
+
+#################################################################################
+#                                      CLI                                       #
+#################################################################################
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def parse_resolution(s: str) -> int:
+    """'256x256' (or '256') -> 256; non-square sizes are refused."""
+    parts = s.lower().replace(",", "x").split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        w = h = None
+    if w is None:
+        raise argparse.ArgumentTypeError(f"expected WxH like 256x256, got {s!r}")
+    if w != h:
+        raise argparse.ArgumentTypeError(f"only square outputs are supported, got {s!r}")
+    return w
+
+
+def _enc_type(s: str) -> str:
+    from models.encoders import parse_enc_types
+    try:
+        names = parse_enc_types(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"one encoder per run, got {s!r}")
+    return names[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Preprocess an image dataset for REG training (see preprocessing/README.md).")
+    sub = p.add_subparsers(dest="command", required=True)
+    cpu_workers = min(8, os.cpu_count() or 1)
+
+    c = sub.add_parser("convert", help="raw images -> square uncompressed PNGs + labels")
+    c.add_argument("--source", required=True, help="image folder (one sub-folder per class, or with dataset.json) or .zip")
+    c.add_argument("--dest", required=True, help="output folder (e.g. DATA/images) or .zip")
+    c.add_argument("--resolution", required=True, type=parse_resolution, help="output size, e.g. 256x256")
+    c.add_argument("--transform", default="center-crop-dhariwal", choices=TRANSFORMS,
+                   help="center-crop-dhariwal = ADM's ImageNet crop (default); none = images already at size")
+    c.add_argument("--max-images", type=_positive_int, default=None, help="only the first N images (sorted)")
+    c.add_argument("--skip-bad-images", action="store_true",
+                   help="skip and count unreadable images instead of stopping at the first one")
+    c.add_argument("--workers", type=_nonneg_int, default=cpu_workers, help="decode processes (0 = in-process)")
+    c.set_defaults(_run=lambda a: convert(a.source, a.dest, a.resolution, a.transform, a.max_images,
+                                          a.skip_bad_images, a.workers), _parser=c)
+
+    e = sub.add_parser("encode", help="PNG folder -> VAE latent [mean, std] per image")
+    e.add_argument("--source", required=True, help="images folder from convert (or the release's)")
+    e.add_argument("--dest", required=True, help="output folder, e.g. DATA/vae-latents")
+    e.add_argument("--model-url", default="stabilityai/sd-vae-ft-mse",
+                   help="VAE: Hugging Face id, 'mse'/'ema', local diffusers dir or file, 'identity', "
+                        "'random-tiny' (tests). Env REG_VAE_PATH may point at a local copy")
+    e.add_argument("--batch-size", type=_positive_int, default=64)
+    e.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers per process")
+    e.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    e.set_defaults(_run=lambda a: encode(a.source, a.dest, a.model_url, a.batch_size, a.workers, a.device),
+                   _parser=e)
+
+    f = sub.add_parser("cache-features", help="PNG folder -> fp16 encoder outputs (class token or all tokens)")
+    f.add_argument("--source", required=True, help="images folder from convert")
+    f.add_argument("--enc-type", required=True, type=_enc_type, help="one encoder, e.g. dinov2-vit-b")
+    f.add_argument("--kind", default="full", choices=("cls", "full"),
+                   help="cls: class token only (small); full: class + patch tokens (default)")
+    f.add_argument("--dest", default=None, help="default: features-<enc>-<kind>/ next to --source")
+    f.add_argument("--enc-weights", default=None,
+                   help="local DINOv2 weights file, folder of official .pth files, or dinov2 clone "
+                        "(else env REG_DINOV2_WEIGHTS / REG_DINOV2_REPO, else torch.hub)")
+    f.add_argument("--batch-size", type=_positive_int, default=64)
+    f.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="images per output file (default 1024 for cls, 64 for full)")
+    f.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers per process")
+    f.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    f.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
+                   help="autocast dtype on GPU (as the release's fp16 training); CPU runs fp32")
+    f.set_defaults(_run=lambda a: cache_features(a.source, a.enc_type, a.kind, a.dest, a.batch_size, a.chunk_size,
+                                                 a.workers, a.device, a.enc_weights, a.precision), _parser=f)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = args._run(args)
+    except (ValueError, FileNotFoundError) as e:
+        # A data or setup problem, not a usage one: the message alone, no usage block.
+        args._parser.exit(2, f"{args._parser.prog}: error: {e}\n")
+    if summary.get("status") == "complete":
+        print(f"{args.command}: already complete, nothing to do")
+    else:
+        print(f"{args.command}: done ({', '.join(f'{k}={v}' for k, v in summary.items() if not isinstance(v, list))})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
