@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import tempfile
 
@@ -47,8 +48,14 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Load ours or the release's (whose args are an argparse Namespace) without unpickling code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            # mmap: tensors are paged in on use, so 8 ranks reading an XL checkpoint (Adam state
+            # included) do not each hold all of it in host memory.
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or not ({"model", "ema"} & ckpt.keys()):
         raise ValueError(f"{path} is not a SiT/REG/REPA training checkpoint (no 'model' or 'ema' key)")
     if isinstance(ckpt.get("args"), argparse.Namespace):

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Checkpoint -> 50K samples (.npz) -> FID / sFID / IS / precision / recall, with the paper's settings
+# (SiT-XL/2 + REG, FID 1.36: SDE, 250 steps, cfg 2.3, class-token cfg 2.3, guidance interval [0, 0.85]).
+#
+#   bash eval.sh                                          # edit the variables below, or
+#   CKPT=exps/reg-b2/checkpoints/0400000.pt NUM_GPUS=4 bash eval.sh
+#
+# Sampling is resumable: rerun the same command after an interruption. The samples land in
+# $SAMPLE_DIR/$NAME.npz (+ $NAME.json, the settings); the evaluator writes $NAME.metrics.json next to them.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")" && pwd)
+
+# ---- what to evaluate ----
+CKPT=${CKPT:-exps/linear-dinov2-b-enc8/checkpoints/4000000.pt}
+REF_BATCH=${REF_BATCH-$ROOT/evaluations/VIRTUAL_imagenet256_labeled.npz}   # ADM's reference batch; empty = sample only
+SAMPLE_DIR=${SAMPLE_DIR:-$(dirname "$(dirname "$CKPT")")/samples}
+
+# ---- hardware ----
+NUM_GPUS=${NUM_GPUS:-8}
+PER_PROC_BATCH=${PER_PROC_BATCH:-64}
+PYTHON=${PYTHON:-python}
+
+# ---- sampler (paper settings) ----
+MODE=${MODE:-sde}
+NUM_STEPS=${NUM_STEPS:-250}
+CFG_SCALE=${CFG_SCALE:-2.3}
+CLS_CFG_SCALE=${CLS_CFG_SCALE:-2.3}
+GUIDANCE_LOW=${GUIDANCE_LOW:-0.0}
+GUIDANCE_HIGH=${GUIDANCE_HIGH:-0.85}
+NUM_SAMPLES=${NUM_SAMPLES:-50000}
+SEED=${SEED:-0}
+
+# ---- decoder: empty VAE = the checkpoint's own codec, or sd-vae-ft-ema for SD-VAE latents ----
+VAE=${VAE:-}                    # ema | mse
+VAE_PATH=${VAE_PATH:-}          # local diffusers AutoencoderKL folder (no network)
+INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
+EXTRA_ARGS=${EXTRA_ARGS:-}      # e.g. "--class-balanced" or "--seed-scheme release"
+
+NAME=${NAME:-$(basename "$CKPT" .pt)-${MODE}-${NUM_STEPS}-cfg-${CFG_SCALE}-cls-${CLS_CFG_SCALE}-gi-${GUIDANCE_LOW}-${GUIDANCE_HIGH}-seed-${SEED}}
+
+# ---- checks before hours of sampling ----
+if [[ ! -f "$CKPT" ]]; then
+    echo "eval.sh: checkpoint not found: $CKPT (set CKPT)" >&2
+    exit 1
+fi
+if [[ -n "$REF_BATCH" && ! -f "$REF_BATCH" ]]; then
+    echo "eval.sh: reference batch not found: $REF_BATCH (set REF_BATCH to ADM's VIRTUAL_imagenet256_labeled.npz, or REF_BATCH= to only sample)" >&2
+    exit 1
+fi
+
+gen_args=(
+    --ckpt "$CKPT"
+    --sample-dir "$SAMPLE_DIR"
+    --name "$NAME"
+    --num-fid-samples "$NUM_SAMPLES"
+    --per-proc-batch-size "$PER_PROC_BATCH"
+    --mode "$MODE"
+    --num-steps "$NUM_STEPS"
+    --cfg-scale "$CFG_SCALE"
+    --cls-cfg-scale "$CLS_CFG_SCALE"
+    --guidance-low "$GUIDANCE_LOW"
+    --guidance-high "$GUIDANCE_HIGH"
+    --global-seed "$SEED"
+)
+if [[ -n "$VAE" ]]; then gen_args+=(--vae "$VAE"); fi
+if [[ -n "$VAE_PATH" ]]; then gen_args+=(--vae-path "$VAE_PATH"); fi
+read -r -a extra <<< "$EXTRA_ARGS"
+gen_args+=("${extra[@]}")
+
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" "$ROOT/generate.py" "${gen_args[@]}"
+
+if [[ -z "$REF_BATCH" ]]; then
+    echo "eval.sh: samples in $SAMPLE_DIR/$NAME.npz (REF_BATCH empty: no evaluation)"
+    exit 0
+fi
+eval_args=("$REF_BATCH" "$SAMPLE_DIR/$NAME.npz")
+if [[ -n "$INCEPTION_WEIGHTS" ]]; then eval_args+=(--inception-weights "$INCEPTION_WEIGHTS"); fi
+"$PYTHON" "$ROOT/evaluations/evaluator.py" "${eval_args[@]}"
