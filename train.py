@@ -288,6 +288,7 @@ def main(argv=None):
                                  start_microbatch=step * args.gradient_accumulation_steps),
         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps iter() off the global RNG (exact resume)
     )
     loss_fn = SILoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting)
 
@@ -311,6 +312,10 @@ def main(argv=None):
 
     def save(step):
         states = gather_objects(accelerator, rng_state(device))
+        # DDP keeps replicas identical; verify it (cheaply) before writing rank 0's copy.
+        sums = gather_objects(accelerator, float(sum(p.detach().double().sum() for p in model.parameters())))
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"model replicas diverged across processes at step {step}: checksums {sums}")
         if accelerator.is_main_process:
             obj = dict(
                 model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), steps=step,
@@ -321,7 +326,7 @@ def main(argv=None):
             path = os.path.join(ckpt_dir, f"{step:07d}.pt")
             save_checkpoint(obj, path)
             prune_checkpoints(ckpt_dir, args.keep_last)
-            logger.info(f"saved checkpoint {path}")
+            logger.info(f"saved checkpoint {path}" + (f" ({world} replicas in sync)" if world > 1 else ""))
         accelerator.wait_for_everyone()
 
     # ---- loop -----------------------------------------------------------------------------
