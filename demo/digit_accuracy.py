@@ -1,0 +1,61 @@
+"""Is each generated digit the digit it was asked for? A logistic-regression classifier is fitted
+on scikit-learn's real 8x8 digits; every generated image (arr_0 of a generate.py .npz, labels in
+arr_1) is reduced to the same 8x8 grey format and classified. Prints the per-class and overall
+accuracy next to chance (10%), writes them as JSON, and a PNG grid with one row per class."""
+import argparse
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_digits_format(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, 64) grey 8x8 on the 0..16 scale of sklearn's digits (box average)."""
+    grey = images.astype(np.float64).mean(axis=-1)                      # (N, H, W)
+    n, h, w = grey.shape
+    small = grey.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))      # (N, 8, 8)
+    return (small / 255.0 * 16.0).reshape(n, 64)
+
+
+def class_grid(images, labels, per_class=10):
+    rows = []
+    for c in range(10):
+        picks = images[labels == c][:per_class]
+        pad = np.zeros((per_class - len(picks),) + images.shape[1:], dtype=np.uint8)
+        rows.append(np.concatenate(list(np.concatenate([picks, pad])), axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("samples", help=".npz from generate.py (arr_0 images, arr_1 labels)")
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-grid", required=True)
+    args = p.parse_args(argv)
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    digits = load_digits()
+    clf = LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
+    with np.load(args.samples) as f:
+        if "arr_1" not in f:
+            p.error(f"{args.samples} has no labels (arr_1); sample it with generate.py")
+        images, labels = f["arr_0"], f["arr_1"]
+    if images.shape[1] % 8 or images.shape[2] % 8:
+        p.error(f"image size {images.shape[1:3]} is not a multiple of 8")
+    pred = clf.predict(to_digits_format(images))
+    per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+    result = {"accuracy": float((pred == labels).mean()), "chance": 0.1, "per_class": per_class,
+              "num_samples": int(len(labels)), "classifier_train_accuracy": float(clf.score(digits.data, digits.target))}
+    tmp = args.out_json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out_json)
+    Image.fromarray(class_grid(images, labels)).save(args.out_grid)
+    print(f"digit accuracy of the samples: {result['accuracy']:.1%} (chance 10%); per class: "
+          + " ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))
+
+
+if __name__ == "__main__":
+    main()

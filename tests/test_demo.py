@@ -1,0 +1,69 @@
+"""The built-in run (demo.sh) at a reduced size, and the README's first-screen commands."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+README = os.path.join(ROOT, "README.md")
+
+
+def first_screen_commands():
+    text = open(README).read()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_first_screen_has_exactly_two_setup_commands_that_exist():
+    cmds = first_screen_commands()
+    assert len(cmds) == 2, cmds
+    setup, tests = cmds
+    assert "pip install -r requirements.txt" in setup and "bash demo.sh" in setup
+    assert os.path.isfile(os.path.join(ROOT, "requirements.txt"))
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "demo.sh")]).returncode == 0
+    assert "python -m pytest -q" in tests
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "python -m pytest -q" in ci  # CI runs the README's test command
+
+
+def test_every_script_the_demo_calls_exists_and_parses_its_flags():
+    demo = open(os.path.join(ROOT, "demo.sh")).read()
+    scripts = sorted(set(re.findall(r"\$PY ([\w/]+\.py)", demo)))
+    assert {"train.py", "generate.py", "preprocessing/dataset_tools.py", "evaluations/evaluator.py"} <= set(scripts)
+    for script in scripts:
+        out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (script, out.stderr[-500:])
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_at_reduced_size(tmp_path):
+    out = tmp_path / "demo_out"
+    env = dict(os.environ, OUT=str(out), STEPS="40", LOG_EVERY="10", NUM_SAMPLES="20", SAMPLE_STEPS="8",
+               EVAL_IMAGES="8", PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    exp = out / "exps" / "reg-digits"
+    assert (exp / "checkpoints" / "0000040.pt").is_file()
+    logs = [json.loads(line) for line in open(exp / "metrics.jsonl")]
+    assert [r["step"] for r in logs] == [10, 20, 30, 40]
+    assert logs[-1]["loss_mean"] < logs[0]["loss_mean"]          # training lowered the image loss
+    assert logs[-1]["loss_mean_cls"] < logs[0]["loss_mean_cls"]
+    acc = json.load(open(out / "digit_accuracy.json"))
+    assert acc["num_samples"] == 20 and 0 <= acc["accuracy"] <= 1 and acc["classifier_train_accuracy"] > 0.95
+    metrics = json.load(open(out / "samples_eval.metrics.json"))
+    assert {"fid", "sfid", "inception_score", "precision", "recall"} <= metrics.keys()
+    for name in ("samples_by_class.png", "loss_curve.png", "samples/reg-digits.npz"):
+        assert (out / name).is_file(), name
+    assert "checkpoint:" in run.stdout and "digit accuracy" in run.stdout
+    # rerunning reuses what is done: no retraining, same samples
+    before = (out / "samples" / "reg-digits.npz").read_bytes()
+    again = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stderr + again.stdout
+    assert (out / "samples" / "reg-digits.npz").read_bytes() == before
