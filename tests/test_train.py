@@ -189,7 +189,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, message", [
     (("--model", "SiT-Q/2"), "invalid choice"),
-    (("--encoder-depth", "9"), "--encoder-depth must be in 1..4"),
+    (("--encoder-depth", "9"), "--encoder-depth must be in 1..6"),
     (("--resolution", "36"), "multiple of 8"),
     (("--resolution", "64"), "does not match the data"),
     (("--gradient-accumulation-steps", "3"), "not divisible by processes x accumulation"),
