@@ -15,6 +15,11 @@ checkpoints so the same codec can be rebuilt later):
   ``"identity-f8"`` (any factor): the same pixels folded losslessly into 3*8*8 channels on an
   H/8 x W/8 grid (pixel unshuffle), so the token grid matches an SD-VAE's and a DINOv2
   encoder's at the same resolution (REPA alignment needs equal token counts);
+* ``"pca:FILE"``: a linear patch codec fitted to a dataset by ``dataset_tools.py fit-pca``: each
+  f x f pixel patch (3 f^2 values) is projected on its top C principal components, giving a
+  C-channel latent on an H/f x W/f grid like an SD-VAE's. A stand-in for the CPU demo, where no
+  VAE weights exist: it compresses like a VAE (tokens carry C p^2 values, not 3 f^2 p^2), which
+  is what lets a tiny SiT learn in minutes; lossless up to the discarded components;
 * ``"random-tiny"``: a tiny ``AutoencoderKL`` with random weights (seed 0), for tests only.
 
 Offline use: the environment variable ``REG_VAE_PATH`` may point at a local copy, either a
@@ -37,6 +42,8 @@ VAE_ALIASES = {
 }
 ENV_VAE_PATH = "REG_VAE_PATH"
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PCA_PREFIX = "pca:"
+PCA_KIND = "patch-pca"
 
 
 #################################################################################
@@ -114,6 +121,87 @@ def _random_tiny_autoencoder_kl():
 
 
 #################################################################################
+#                      Linear patch codec (PCA), for the demo                    #
+#################################################################################
+
+class PatchPCA:
+    """Top-C principal components of f x f RGB patches (pixels in [-1, 1]); fitted by fit_patch_pca.
+
+    encode: (N, 3, H, W) -> (N, C, H/f, W/f), latent = components @ (patch - mean)
+    decode: the transpose, + mean; exact for images whose patches lie in the components' span.
+    """
+
+    def __init__(self, components: torch.Tensor, mean: torch.Tensor, factor: int):
+        self.components = components.float()          # (C, 3 f^2), orthonormal rows
+        self.mean = mean.float()                      # (3 f^2,)
+        self.factor = int(factor)
+
+    def to(self, device):
+        self.components, self.mean = self.components.to(device), self.mean.to(device)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        patches = F.pixel_unshuffle(x, self.factor) - self.mean[:, None, None]         # (N, 3f^2, h, w)
+        return torch.einsum("cd,ndhw->nchw", self.components, patches)                # (N, C, h, w)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        patches = torch.einsum("cd,nchw->ndhw", self.components, z) + self.mean[:, None, None]
+        return F.pixel_shuffle(patches, self.factor)                                  # (N, 3, H, W)
+
+
+def fit_patch_pca(batches, factor: int, channels: int) -> dict:
+    """Fit a PatchPCA on uint8 (N, 3, H, W) batches; returns the dict ``pca:FILE`` loads.
+
+    Statistics are accumulated in float64 (sum and sum of outer products), so any number of
+    batches can stream through. ``scale`` makes the latents unit-variance overall (one number,
+    like SD-VAE's 0.18215, so the channels keep their relative sizes).
+    """
+    d = 3 * factor * factor
+    if not 1 <= channels <= d:
+        raise ValueError(f"--channels must be between 1 and 3*factor^2 = {d}, got {channels}")
+    total, outer, count, images = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0, 0
+    for batch in batches:
+        x = batch.to(torch.float64) / 127.5 - 1
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by --factor {factor}")
+        p = F.pixel_unshuffle(x, factor).permute(0, 2, 3, 1).reshape(-1, d)            # (N h w, 3f^2)
+        total += p.sum(0)
+        outer += p.T @ p
+        count += p.shape[0]
+        images += x.shape[0]
+    if count == 0:
+        raise ValueError("no images to fit the PCA codec on")
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    evals, evecs = torch.linalg.eigh(cov)                                             # ascending
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    comps = evecs[:, :channels].T.contiguous()                                        # (C, d)
+    # Deterministic signs: the largest-magnitude entry of each component is positive.
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * signs
+    latent_var = float(evals[:channels].sum() / channels)
+    return {"kind": PCA_KIND, "factor": int(factor), "channels": int(channels),
+            "components": comps.float(), "mean": mean.float(),
+            "scale": 1.0 / max(latent_var, 1e-12) ** 0.5,
+            "explained_variance": float(evals[:channels].sum() / evals.sum().clamp_min(1e-12)),
+            "num_images": images}
+
+
+def _load_patch_pca(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PCA codec file {path} does not exist; make it with "
+                                f"'python preprocessing/dataset_tools.py fit-pca'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised as one line
+        raise ValueError(f"cannot read the PCA codec file {path} ({type(e).__name__}: {e}); "
+                         f"rerun fit-pca") from e
+    if not isinstance(state, dict) or state.get("kind") != PCA_KIND:
+        raise ValueError(f"{path} is not a PCA codec file written by fit-pca")
+    return state
+
+
+#################################################################################
 #                                 Autoencoder                                    #
 #################################################################################
 
@@ -125,9 +213,10 @@ class Autoencoder:
     """
 
     def __init__(self, spec: str, vae=None, *, latent_channels: int, downsample: int,
-                 scale: float, bias: float, device="cpu", dtype=torch.float32):
+                 scale: float, bias: float, device="cpu", dtype=torch.float32, pca: PatchPCA | None = None):
         self.spec = spec
-        self.vae = vae                      # diffusers AutoencoderKL, or None for "identity"
+        self.vae = vae                      # diffusers AutoencoderKL, or None for "identity"/"pca:"
+        self.pca = pca.to(device) if pca is not None else None
         self.latent_channels = int(latent_channels)
         self.downsample = int(downsample)
         self.scale = float(scale)
@@ -143,7 +232,14 @@ class Autoencoder:
     def from_spec(cls, spec: str, device="cpu", dtype=torch.float32) -> "Autoencoder":
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError("autoencoder spec must be a non-empty string such as 'mse', 'ema', "
-                             "a Hugging Face id, a local path, 'identity' or 'random-tiny'")
+                             "a Hugging Face id, a local path, 'identity', 'pca:FILE' or 'random-tiny'")
+        if spec.startswith(PCA_PREFIX):
+            path = os.path.abspath(os.path.expanduser(spec.removeprefix(PCA_PREFIX)))
+            st = _load_patch_pca(path)
+            pca = PatchPCA(st["components"], st["mean"], st["factor"])
+            # recorded absolute, so checkpoints and manifests rebuild it from any directory
+            return cls(PCA_PREFIX + path, None, latent_channels=st["channels"], downsample=st["factor"],
+                       scale=st["scale"], bias=0.0, device=device, dtype=dtype, pca=pca)
         if spec == "identity" or spec.startswith("identity-f"):
             f = 1 if spec == "identity" else spec.removeprefix("identity-f")
             if not str(f).isdigit() or int(f) < 1:
@@ -178,6 +274,8 @@ class Autoencoder:
         self.dtype = dtype if dtype is not None else self.dtype
         if self.vae is not None:
             self._move_vae()
+        if self.pca is not None:
+            self.pca.to(self.device)
         return self
 
     def _move_vae(self):
@@ -202,6 +300,9 @@ class Autoencoder:
             raise ValueError(f"image size {h}x{w} is not divisible by the autoencoder's "
                              f"downsampling factor {self.downsample}")
         x = images.to(self.device, torch.float32) / 127.5 - 1          # (N, 3, H, W) in [-1, 1]
+        if self.pca is not None:
+            mean = self.pca.encode(x)                                   # (N, C, h, w)
+            return torch.cat([mean, torch.zeros_like(mean)], dim=1)     # (N, 2C, h, w): std 0
         if self.vae is None:
             x = F.pixel_unshuffle(x, self.downsample)                   # (N, 3 f^2, H/f, W/f)
             return torch.cat([x, torch.zeros_like(x)], dim=1)           # (N, 2C, h, w): std 0
@@ -221,6 +322,8 @@ class Autoencoder:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, C, h, w) -> images (N, 3, H, W), roughly in [-1, 1]."""
         latents = (z - self.bias) / self.scale
+        if self.pca is not None:
+            return self.pca.decode(latents.to(self.device, torch.float32))
         if self.vae is None:
             return F.pixel_shuffle(latents, self.downsample)
         out = self.vae.decode(latents.to(self.device, self.dtype)).sample

@@ -8,6 +8,9 @@
     python preprocessing/dataset_tools.py cache-features --source DATA/images \\
         --enc-type dinov2-vit-b --kind full          # -> DATA/features-dinov2-vit-b-full
 
+Without VAE weights (the CPU demo), ``fit-pca`` fits a linear patch codec to the images and
+``encode --model-url pca:FILE`` uses it in place of the SD-VAE.
+
 Every step writes into its own folder: a ``.partial.json`` marker first (its settings), each
 output file atomically (temp file + rename), ``dataset.json`` next, ``manifest.json`` last.
 Rerunning the same command resumes: finished files are skipped, the manifest appears only
@@ -511,12 +514,14 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
             moments_shape = list(np.load(os.path.join(dest, outputs[0]), mmap_mode="r").shape)
             atomic_write_json(os.path.join(dest, LABELS),
                               {"labels": [[o, labels[f]] for o, f in zip(outputs, src.files)]})
+            recorded = model_url
+            if ae.spec.startswith("pca:") or (os.path.exists(model_url) and model_url not in ("identity", "random-tiny")):
+                recorded = ae.spec if ae.spec.startswith("pca:") else os.path.abspath(model_url)
             num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
             finish_step(dest, {
                 "kind": "latents", "format": FORMAT_VERSION, "params": params,
                 # a local path is recorded absolute so training can rebuild the codec from any cwd
-                "autoencoder": (os.path.abspath(model_url) if os.path.exists(model_url)
-                                and model_url not in ("identity", "random-tiny") else model_url),
+                "autoencoder": recorded,
                 "scale": ae.scale, "bias": ae.bias, "latent_channels": ae.latent_channels,
                 "downsample": ae.downsample, "moments_shape": moments_shape, "dtype": "float32",
                 "resolution": resolution, "num_files": len(outputs), "num_classes": int(num_classes)})
@@ -524,6 +529,47 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
         return {"status": status, "written": written, "rank": ranks.rank, "world": ranks.world}
     finally:
         ranks.close()
+
+
+#################################################################################
+#                                  fit-pca                                       #
+#################################################################################
+
+def fit_pca(source: str, dest: str, factor: int = 8, channels: int = 4, max_images: int | None = None,
+            batch_size: int = 256, workers: int = 0) -> dict:
+    """Images -> a ``pca:FILE`` codec (models/autoencoder.py); reused if already fitted alike."""
+    from models.autoencoder import fit_patch_pca
+
+    src, _, _ = _open_source_for_step(source)
+    _check_not_inside(dest, src)
+    files = src.files[:max_images] if max_images else src.files
+    params = {"source": src.path, "source_fingerprint": src.fingerprint(), "factor": int(factor),
+              "channels": int(channels), "num_images": len(files)}
+    if os.path.exists(dest):
+        try:
+            old = torch.load(dest, map_location="cpu", weights_only=True).get("params")
+        except Exception:  # noqa: BLE001 - any unreadable file is reported the same way
+            old = None
+        if old == params:
+            return {"status": "complete", "written": 0}
+        why = _diff(old, params) if isinstance(old, dict) else " (not a fit-pca file)"
+        raise ValueError(f"{dest} exists but was fitted with other settings or data{why}; "
+                         f"delete it or choose another --dest")
+
+    def batches():
+        with tqdm(total=len(files), desc="fit-pca", unit="img") as bar:
+            for pos, images in _batches(src, files, batch_size, workers, torch.device("cpu")):
+                yield torch.stack(images)
+                bar.update(len(pos))
+
+    state = fit_patch_pca(batches(), factor, channels)
+    state["params"] = params
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    atomic_write_bytes(dest, buf.getvalue())
+    return {"status": "written", "written": 1, "explained_variance": round(state["explained_variance"], 5),
+            "scale": round(state["scale"], 5)}
 
 
 #################################################################################
@@ -690,13 +736,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--source", required=True, help="images folder from convert (or the release's)")
     e.add_argument("--dest", required=True, help="output folder, e.g. DATA/vae-latents")
     e.add_argument("--model-url", default="stabilityai/sd-vae-ft-mse",
-                   help="VAE: Hugging Face id, 'mse'/'ema', local diffusers dir or file, 'identity', "
-                        "'random-tiny' (tests). Env REG_VAE_PATH may point at a local copy")
+                   help="VAE: Hugging Face id, 'mse'/'ema', local diffusers dir or file, 'pca:FILE' (from "
+                        "fit-pca), 'identity', 'random-tiny' (tests). Env REG_VAE_PATH may point at a local copy")
     e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers per process")
     e.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     e.set_defaults(_run=lambda a: encode(a.source, a.dest, a.model_url, a.batch_size, a.workers, a.device),
                    _parser=e)
+
+    q = sub.add_parser("fit-pca", help="PNG folder -> linear patch codec file (VAE stand-in for the CPU demo)")
+    q.add_argument("--source", required=True, help="images folder from convert")
+    q.add_argument("--dest", required=True, help="output file, e.g. DATA/pca-f8c4.pt; then encode --model-url pca:FILE")
+    q.add_argument("--factor", type=_positive_int, default=8, help="patch size = downsampling factor (SD-VAE: 8)")
+    q.add_argument("--channels", type=_positive_int, default=4, help="latent channels kept (SD-VAE: 4)")
+    q.add_argument("--max-images", type=_positive_int, default=None, help="fit on the first N images (sorted)")
+    q.add_argument("--batch-size", type=_positive_int, default=256)
+    q.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader workers")
+    q.set_defaults(_run=lambda a: fit_pca(a.source, a.dest, a.factor, a.channels, a.max_images, a.batch_size,
+                                          a.workers), _parser=q)
 
     f = sub.add_parser("cache-features", help="PNG folder -> fp16 encoder outputs (class token or all tokens)")
     f.add_argument("--source", required=True, help="images folder from convert")

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from models.autoencoder import Autoencoder  # noqa: E402
+from models.autoencoder import Autoencoder, fit_patch_pca  # noqa: E402
 from models.encoders import (ENCODER_WIDTHS, build_encoder, load_encoders,  # noqa: E402
                              official_weights_name, parse_enc_types)
 
@@ -133,6 +133,72 @@ def test_autoencoder_bad_input(tmp_path, monkeypatch):
 #################################################################################
 #                                   Encoders                                    #
 #################################################################################
+
+def _blocky_images(n=6, size=32, f=8, seed=0):
+    """Grey images made of constant f x f blocks: every patch is (v, ..., v), a rank-1 family."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 256, (n, 1, size // f, size // f), generator=g, dtype=torch.uint8)
+    return small.repeat_interleave(f, 2).repeat_interleave(f, 3).expand(n, 3, size, size).contiguous()
+
+
+def _save_pca(state, tmp_path, name="pca.pt"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return str(path)
+
+
+def test_pca_codec_is_exact_on_its_span_and_unit_variance(tmp_path):
+    images = _blocky_images()
+    state = fit_patch_pca([images[:3], images[3:]], factor=8, channels=1)   # streamed in two batches
+    assert state["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    # The only direction is the constant patch, normalised: +1/sqrt(192) everywhere (sign fixed positive).
+    torch.testing.assert_close(state["components"], torch.full((1, 192), 192 ** -0.5), atol=1e-6, rtol=0)
+    ae = Autoencoder.from_spec("pca:" + _save_pca(state, tmp_path), device="cpu")
+    assert (ae.latent_channels, ae.downsample, ae.bias) == (1, 8, 0.0)
+    assert ae.spec == "pca:" + str(tmp_path / "pca.pt")                          # absolute, rebuildable
+    moments = ae.encode_moments(images)                                          # (N, 2, 4, 4)
+    assert moments.shape == (6, 2, 4, 4) and moments[:, 1:].abs().max() == 0     # std 0: deterministic
+    z = ae.sample(moments)
+    # scale makes the fitted data's latents unit-variance (population variance, the mean is 0).
+    assert float(z.pow(2).mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float(z.mean()) == pytest.approx(0.0, abs=1e-5)
+    back = ae.decode(z)
+    torch.testing.assert_close(back, images.float() / 127.5 - 1, atol=1e-5, rtol=0)
+    assert torch.equal(Autoencoder.to_uint8(back + 1e-4), images.permute(0, 2, 3, 1))
+
+
+def test_pca_codec_matches_numpy_pca(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (5, 3, 16, 16), generator=g, dtype=torch.uint8)
+    state = fit_patch_pca([images], factor=4, channels=5)
+    x = images.double().numpy() / 127.5 - 1
+    patches = x.reshape(5, 3, 4, 4, 4, 4).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 48)   # pixel_unshuffle order
+    centred = patches - patches.mean(0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    comps = state["components"].double().numpy()
+    np.testing.assert_allclose(comps @ comps.T, np.eye(5), atol=1e-5)            # orthonormal rows
+    # Same subspace as numpy's top-5 right singular vectors (signs are a convention).
+    np.testing.assert_allclose(np.abs(comps @ vt[:5].T), np.eye(5), atol=1e-4)
+    ev = sv ** 2 / len(patches)
+    assert state["explained_variance"] == pytest.approx(ev[:5].sum() / ev.sum(), rel=1e-5)
+    assert state["scale"] == pytest.approx((ev[:5].mean()) ** -0.5, rel=1e-5)
+
+
+def test_pca_codec_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="between 1 and 3\\*factor"):
+        fit_patch_pca([_blocky_images()], factor=8, channels=193)
+    with pytest.raises(ValueError, match="not divisible by --factor 5"):
+        fit_patch_pca([_blocky_images()], factor=5, channels=1)
+    with pytest.raises(ValueError, match="no images"):
+        fit_patch_pca([], factor=8, channels=1)
+    with pytest.raises(FileNotFoundError, match="fit-pca"):
+        Autoencoder.from_spec("pca:" + str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="not a PCA codec file"):
+        Autoencoder.from_spec("pca:" + _save_pca({"kind": "something-else"}, tmp_path, "other.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read the PCA codec file"):
+        Autoencoder.from_spec("pca:" + str(tmp_path / "junk.pt"))
+
 
 def test_parse_enc_types():
     assert parse_enc_types("dinov2-vit-b,dinov2-vit-l-reg") == ["dinov2-vit-b", "dinov2-vit-l-reg"]

@@ -286,6 +286,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def test_fit_pca_then_encode_records_the_codec(images_dir, tmp_path, capsys):
+    codec = tmp_path / "codecs" / "pca.pt"
+    args = ["fit-pca", "--source", images_dir, "--dest", codec, "--factor", 8, "--channels", 3]
+    assert _run(args)["status"] == "written"
+    assert _run(args)["status"] == "complete"                     # rerun: reused, not refitted
+    _fails(["fit-pca", "--source", images_dir, "--dest", codec, "--channels", 4], capsys,
+           "exists but was fitted with other settings", "channels")
+    _fails(["fit-pca", "--source", images_dir, "--dest", tmp_path / "p2.pt", "--factor", 7], capsys,
+           "not divisible by --factor 7")
+    dest = tmp_path / "lat"
+    _run(["encode", "--source", images_dir, "--dest", dest, "--model-url", f"pca:{codec}", "--workers", 0])
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["autoencoder"] == f"pca:{codec}" and manifest["latent_channels"] == 3
+    assert manifest["moments_shape"] == [6, RES // 8, RES // 8]
+    ae = Autoencoder.from_spec(manifest["autoencoder"])
+    x = torch.from_numpy(np.array(PIL.Image.open(images_dir / "00000/img00000002.png"))).permute(2, 0, 1)[None]
+    np.testing.assert_allclose(np.load(dest / "00000/img00000002.npy"), ae.encode_moments(x)[0].numpy(), atol=1e-6)
+
+
 def test_encode_under_torchrun_env_single_process_gloo(images_dir, tmp_path, monkeypatch):
     import torch.distributed as dist
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
