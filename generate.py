@@ -80,6 +80,18 @@ class CLIParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+AUTO_BATCH = {"cuda": 256, "cpu": 32}
+
+
+def _batch_size(s: str):
+    if s == "auto":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {s!r}") from None
+
+
 def build_parser() -> CLIParser:
     p = CLIParser(prog="generate.py", description=__doc__.split("\n")[0],
                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -126,7 +138,10 @@ def build_parser() -> CLIParser:
     g.add_argument("--class-balanced", action="store_true", help="label of image i = i %% num_classes")
     g.add_argument("--sample-dir", default="samples")
     g.add_argument("--name", default=None, help="run name (folder and .npz); default: built from the settings")
-    g.add_argument("--per-proc-batch-size", type=int, default=32)
+    g.add_argument("--per-proc-batch-size", type=_batch_size, default=32,
+                   help="images per process and batch, or 'auto' (256 on a GPU, 32 on the CPU). With the "
+                        "per-image seed scheme a batch that runs out of GPU memory is split in two and "
+                        "retried (the images do not depend on the batching)")
     g.add_argument("--num-fid-samples", type=int, default=50_000)
     g.add_argument("--save-png", action="store_true", help="also write one PNG per image")
 
@@ -134,6 +149,8 @@ def build_parser() -> CLIParser:
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 = autocast for the network; the sampler state stays float64, the VAE float32")
     g.add_argument("--tf32", action=b, default=True, help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--compile", action=b, default=False,
+                   help="torch.compile the SiT blocks (faster on GPUs after a warm-up; numbers change slightly)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     # torch.distributed.launch (the release's eval.sh) passes this; we read LOCAL_RANK instead.
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -144,7 +161,10 @@ def validate_args(parser: CLIParser, args) -> None:
     """Checks that need no checkpoint: every rank runs them, rank 0 prints."""
     if args.num_fid_samples < 1:
         parser.error(f"--num-fid-samples must be >= 1, got {args.num_fid_samples}")
-    if args.per_proc_batch_size < 1:
+    if args.per_proc_batch_size == "auto":
+        if args.seed_scheme == "release":
+            parser.error("--seed-scheme release draws its noise per batch, so it needs a fixed --per-proc-batch-size")
+    elif args.per_proc_batch_size < 1:
         parser.error(f"--per-proc-batch-size must be >= 1, got {args.per_proc_batch_size}")
     if args.num_steps < 1:
         parser.error(f"--num-steps must be >= 1, got {args.num_steps}")
@@ -643,6 +663,8 @@ def main(argv=None) -> str | None:
 
 def _run(parser: CLIParser, args, procs: Procs) -> str | None:
     device = procs.device
+    if args.per_proc_batch_size == "auto":
+        args.per_proc_batch_size = AUTO_BATCH.get(device.type, 32)
     model, facts = load_model(parser, args)
     check_flags(parser, args, model, facts)
     spec = codec_spec(parser, args, facts["autoencoder"])
@@ -654,6 +676,8 @@ def _run(parser: CLIParser, args, procs: Procs) -> str | None:
     resolution = check_codec(parser, args, model, codec)
     args.path_type = args.path_type or facts["path_type"] or "linear"
     model.to(device)
+    if args.compile:
+        model.compile_blocks()
     cfg = model.config
     latent_shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     num_classes, cls_dim = cfg["num_classes"], cfg["cls_token_dim"]
@@ -693,7 +717,9 @@ def _run(parser: CLIParser, args, procs: Procs) -> str | None:
 
     # ---- Sample ----
     pbar = tqdm(total=remaining, unit="img", desc="sampling", disable=not procs.is_main, dynamic_ncols=True)
-    for b, idx in enumerate(batches):
+    queue = list(enumerate(batches))[::-1]                 # popped from the end, in order
+    while queue:
+        b, idx = queue.pop()
         if idx is None:  # release scheme, batch already written: only advance the generator
             release_skip(n, latent_shape, num_classes, cls_dim, args, device)
             continue
@@ -708,7 +734,20 @@ def _run(parser: CLIParser, args, procs: Procs) -> str | None:
             y = torch.as_tensor(idx % num_classes)
         z, y = z.to(device), y.to(device)
         cls = None if cls is None else cls.to(device)
-        images = sample_images(model, codec, z, y, cls, args, noise_fn)
+        try:
+            images = sample_images(model, codec, z, y, cls, args, noise_fn)
+        except torch.cuda.OutOfMemoryError:
+            if args.seed_scheme != "per-image" or len(idx) == 1:
+                raise
+            # Per-image noise: the halves give the same images, they just fit in memory.
+            del z, y, cls
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(idx) // 2
+            queue += [(b, idx[half:]), (b, idx[:half])]
+            print(f"rank {rank}: out of memory with {len(idx)} images per batch; retrying as {half} + "
+                  f"{len(idx) - half}", file=sys.stderr)
+            continue
         keep = idx < N  # the release samples whole batches and drops the extra images
         labels = y.cpu().numpy()
         if args.save_png:

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision and speed")
     g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=False, help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"], help="autocast dtype (fp16 uses a grad scaler)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the SiT (numbers change slightly)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the SiT blocks and the online encoder (numbers change slightly)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
     g = p.add_argument_group("optimisation")
@@ -206,7 +206,12 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=exp_dir, logging_dir=os.path.join(exp_dir, args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # Every parameter gets a gradient at every step (labels dropped via the null-class row, the
+        # projectors and class-token layers exist only when their losses are on): no unused-parameter
+        # search, and a static graph lets DDP reuse its bucket order after the first step. DDP's static
+        # graph does not support no_sync (gradient accumulation): it trips an internal assert.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
+                                                       static_graph=args.gradient_accumulation_steps == 1)],
         cpu=args.cpu,
     )
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -242,8 +247,10 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # an exact copy
     model.to(device)
     ema.to(device)
+    # Fused AdamW on GPUs (one kernel for all parameters; same update rule), foreach elsewhere.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
     # ---- resume ---------------------------------------------------------------------------
     step = 0
@@ -267,6 +274,11 @@ def main(argv=None):
         if accelerator.is_main_process:
             logger.info(f"resumed from {resume_from} (step {step})")
 
+    if args.compile:
+        # Before DDP wraps the model; in place, so state-dict keys (and checkpoints) are unchanged.
+        model.compile_blocks()
+        for enc in encoders:
+            enc.compile()
     model_ddp, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(args.seed + rank)  # the release's per-process seed for t, noise and label dropout
     if ckpt is not None:
@@ -279,8 +291,6 @@ def main(argv=None):
             torch.manual_seed(args.seed + rank + step)
             if accelerator.is_main_process:
                 logger.warning(f"checkpoint was written by {len(states)} processes, now {world}: RNG reseeded")
-    if args.compile:
-        model_ddp = torch.compile(model_ddp)
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=local_batch,

@@ -67,3 +67,28 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stderr + again.stdout
     assert (out / "samples" / "reg-digits.npz").read_bytes() == before
+
+
+def _readme_flag_table(title):
+    text = open(README).read()
+    block = text.split(f"**{title}**", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in block.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[re.findall(r"`(--[\w-]+)`", cells[0])[0]] = cells[1]
+    return rows
+
+
+@pytest.mark.parametrize("script", ["train", "generate"])
+def test_readme_flag_tables_list_every_flag_with_its_default(script):
+    import argparse
+    module = __import__(script)
+    rows = _readme_flag_table(f"{script}.py")
+    want = {}
+    for action in module.build_parser()._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        want[longs[0]] = "required" if action.required else str(action.default)
+    assert sorted(rows) == sorted(want)
+    assert {k: rows[k] for k in want} == want

@@ -355,8 +355,29 @@ def test_class_balanced_labels_pngs_and_bf16(ckpts, tmp_path):
     assert 0 < diff.mean() < 2    # autocast changes the numbers a little, not the images
 
 
+def test_out_of_memory_batches_are_split_into_the_same_images(ckpts, tmp_path, monkeypatch, capsys):
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 5, *SDE]
+    full, labels, _ = run(tmp_path / "ref", *argv, "--per-proc-batch-size", 5)
+    sample_images, sizes = generate.sample_images, []
+    def small_memory(model, codec, z, *a, **k):  # noqa: E306 - a device that holds 2 images at most
+        sizes.append(len(z))
+        if len(z) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return sample_images(model, codec, z, *a, **k)
+    monkeypatch.setattr(generate, "sample_images", small_memory)
+    images, got_labels, _ = run(tmp_path, *argv, "--per-proc-batch-size", "auto")   # 32 on the CPU: one batch of 5
+    assert sizes == [5, 2, 3, 1, 2]                       # 5 -> 2 + 3, 3 -> 1 + 2
+    assert "out of memory with 5 images per batch; retrying as 2 + 3" in capsys.readouterr().err
+    np.testing.assert_array_equal(images, full)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "img-0000000-0000002.npz",
+                                                  "img-0000002-0000003.npz", "img-0000003-0000005.npz"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "{missing}"], "checkpoint not found"),
+    (["--per-proc-batch-size", "many"], "expected a positive integer or 'auto', got 'many'"),
+    (["--per-proc-batch-size", "auto", "--seed-scheme", "release"], "needs a fixed --per-proc-batch-size"),
     (["--num-fid-samples", 0], "--num-fid-samples must be >= 1"),
     (["--model", "SiT-B/2"], "--model SiT-B/2 but the checkpoint holds a custom SiT"),
     (["--cls", 768], "--cls 768 but the checkpoint's class token has width 16"),

@@ -610,3 +610,21 @@ def test_sit_s2_constructs_and_runs():
         v, zs, v_cls = model(x, t, y, cls_token=cls)
     assert v.shape == (2, 4, 8, 8) and v_cls.shape == (2, 16) and zs[0].shape == (2, 17, 16)
     assert torch.isfinite(v).all() and v.abs().sum() > 0
+
+
+def test_compile_blocks_keeps_names_and_outputs():
+    """Regional compilation (train/generate --compile): same parameter names, so checkpoints load
+    either way; same outputs (the eager backend runs the captured graph without fusing kernels)."""
+    from conftest import build_sit, randomize_weights_
+    model = randomize_weights_(build_sit(0), 1)
+    keys = list(model.state_dict())
+    x, t = torch.randn(3, TINY["in_channels"], TINY["input_size"], TINY["input_size"]), torch.rand(3)
+    y, cls = torch.tensor([0, 1, 2]), torch.randn(3, model.cls_token_dim)
+    with torch.no_grad():
+        ref = model(x, t, y, cls_token=cls)
+        model.compile_blocks(backend="eager")
+        out = model(x, t, y, cls_token=cls)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[2], ref[2])
+    torch.testing.assert_close(out[1][0], ref[1][0])

@@ -161,9 +161,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_on_cpu_stay_in_sync(data_dir, tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])   # DDP static graph; no_sync without it
+def test_two_processes_on_cpu_stay_in_sync(data_dir, tmp_path, accumulation):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           os.path.join(ROOT, "train.py")] + base_args(data_dir, tmp_path, "ddp", 2, checkpointing_steps=2)
+           os.path.join(ROOT, "train.py")] + base_args(data_dir, tmp_path, "ddp", 2, checkpointing_steps=2,
+                                                    gradient_accumulation_steps=accumulation)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
