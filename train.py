@@ -30,6 +30,27 @@ logger = logging.getLogger("train")
 #                                   Arguments                                   #
 #################################################################################
 
+ADAM_IMPLS = ("auto", "fused", "foreach")
+
+
+def make_optimizer(params, impl: str = "auto", **adam_kwargs) -> torch.optim.AdamW:
+    """AdamW over params already on their device. 'fused' = one kernel for all parameters;
+    'foreach' = a few batched kernels (bitwise equal to the per-tensor loop); 'auto' = fused
+    where supported, else foreach."""
+    params = list(params)
+    if impl in ("auto", "fused"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **adam_kwargs)
+        except (RuntimeError, ValueError, TypeError) as e:
+            if impl == "fused":
+                device = params[0].device.type if params else "?"
+                raise ValueError(f"--adam-impl fused is not available on {device} with torch {torch.__version__} "
+                                 f"({str(e).splitlines()[0]}); use --adam-impl foreach") from e
+    elif impl != "foreach":
+        raise ValueError(f"unknown AdamW implementation {impl!r}; choose one of {ADAM_IMPLS}")
+    return torch.optim.AdamW(params, foreach=True, **adam_kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train SiT with REG / REPA.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("logging and saving")
@@ -76,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--adam-epsilon", type=float, default=1e-08, help="AdamW epsilon")
+    g.add_argument("--adam-impl", choices=ADAM_IMPLS, default="auto",
+                   help="AdamW kernels: auto = fused where the device has them (CUDA; CPU with torch >= 2.4), "
+                        "else foreach; same update rule (fused may differ in the last bit). A resumed run "
+                        "keeps its checkpoint's choice")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per optimizer step")
     g.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
@@ -247,10 +272,12 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # an exact copy
     model.to(device)
     ema.to(device)
-    # Fused AdamW on GPUs (one kernel for all parameters; same update rule), foreach elsewhere.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    try:
+        optimizer = make_optimizer(model.parameters(), args.adam_impl, lr=args.learning_rate,
+                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                   eps=args.adam_epsilon)
+    except ValueError as e:
+        parser.error(str(e))
 
     # ---- resume ---------------------------------------------------------------------------
     step = 0

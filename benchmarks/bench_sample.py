@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from benchmarks.flops import sit_macs  # noqa: E402
-from models.sit import SIT_CONFIGS, create_model  # noqa: E402
+from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
 from samplers import euler_maruyama_sampler, euler_sampler  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,7 +78,7 @@ def build_models(args, z, device, release_mod):
     """{name: (model, counter)} with identical weights."""
     depth, hidden, heads, patch = SIT_CONFIGS[args.model]
     kw = dict(input_size=args.resolution // 8, z_dims=[z], projector_dim=args.projector_dim,
-              encoder_depth=min(8, depth), num_classes=1000)
+              encoder_depth=paper_encoder_depth(depth), num_classes=1000)
     torch.manual_seed(0)
     reg = create_model(args.model, cls_token_dim=z, fused_attn=True, **kw)
     with torch.no_grad():  # non-zero read-outs, so the samplers do real arithmetic
@@ -92,7 +92,7 @@ def build_models(args, z, device, release_mod):
         repa = create_model(args.model, cls_token_dim=0, fused_attn=True, **kw)
         ref = release_mod.SiT(input_size=args.resolution // 8, depth=depth, hidden_size=hidden,
                               decoder_hidden_size=hidden, num_heads=heads, patch_size=patch, z_dims=[z],
-                              encoder_depth=min(8, depth), projector_dim=args.projector_dim,
+                              encoder_depth=paper_encoder_depth(depth), projector_dim=args.projector_dim,
                               num_classes=1000, qk_norm=False, fused_attn=False)
         ref.load_state_dict(repa.state_dict(), strict=True)
         models["project (REPA cfg)"] = repa
@@ -101,7 +101,11 @@ def build_models(args, z, device, release_mod):
     for name, m in models.items():
         m.to(device).eval()
         counter = NFECounter(m)
-        out[name] = (torch.compile(m) if args.compile else m, counter)
+        if args.compile and hasattr(m, "compile_blocks"):
+            m.compile_blocks()          # in place, as generate.py --compile
+        elif args.compile:
+            m = torch.compile(m)
+        out[name] = (m, counter)
     return out
 
 
@@ -124,7 +128,8 @@ def build_parser():
     p.add_argument("--modes", default="sde,ode")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="network precision (autocast); the sampler state stays float64")
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile: the project's SiT blocks (as generate.py --compile), baselines whole")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed sampling runs per setting")
     p.add_argument("--release-ref", default=None, metavar="DIR",

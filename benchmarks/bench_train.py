@@ -4,8 +4,9 @@ One step = latent sampling from [mean, std] moments, alignment targets (encoder 
 images, or cached features copied to the device), SILoss forward, backward, grad clipping,
 AdamW, EMA. Variants (each with cached features and with the encoder online):
 
-  project            batched fp32-normalised projection loss, one fused EMA update (train.py)
-  project+fusedadam  the same with AdamW(fused=True), if the device supports it
+  project            train.py's step: batched fp32-normalised projection loss, one fused EMA
+                     update, AdamW from train.make_optimizer (fused where the device has it)
+  project+foreach    the same with foreach AdamW (bitwise the release's default update)
   release-like       per-sample Python loop projection loss, per-parameter EMA loop, one
                      host sync per step for logging (.item()), as the release's train.py
   release-like+plain the same with plain (non-fused) attention
@@ -39,8 +40,8 @@ import loss as loss_module  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from loss import SILoss  # noqa: E402
 from models.encoders import ENCODER_WIDTHS, Encoder, build_encoder, timm_model_name  # noqa: E402
-from models.sit import SIT_CONFIGS, create_model  # noqa: E402
-from train import encoder_targets, update_ema  # noqa: E402
+from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
+from train import encoder_targets, make_optimizer, update_ema  # noqa: E402
 
 SD_VAE_SCALE = 0.18215
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,11 +117,12 @@ def build_parser():
     p.add_argument("--encoder", default="random-vit-tiny",
                    help="encoder architecture (random weights): random-vit-tiny or a DINOv2 name built through timm")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the encoder")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the SiT blocks and the encoder as train.py --compile (release-like: the whole model)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--steps-per-run", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compile happens here)")
-    p.add_argument("--variants", default="project,project+fusedadam,release-like,release-like+plain",
+    p.add_argument("--variants", default="project,project+foreach,release-like,release-like+plain",
                    help="comma-separated subset")
     p.add_argument("--modes", default="cached,online", help="cached features, encoder online, or both")
     p.add_argument("--release-ref", default=None, metavar="DIR",
@@ -147,7 +149,7 @@ def check_args(args, p):
     if sit_tokens != enc_tokens:
         p.error(f"{args.model} has {sit_tokens} tokens at {args.resolution} px but the encoder has {enc_tokens}; "
                 "REPA alignment needs equal counts (use a /2 model)")
-    known = {"project", "project+fusedadam", "release-like", "release-like+plain"}
+    known = {"project", "project+foreach", "release-like", "release-like+plain"}
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variant_list if v not in known]
     if bad or not args.variant_list:
@@ -243,27 +245,34 @@ def build_variant(args, variant, mode, device, encoder_proto, release_mod):
         inner = release_mod.SiT(input_size=args.resolution // 8, depth=SIT_CONFIGS[args.model][0],
                                 hidden_size=SIT_CONFIGS[args.model][1], decoder_hidden_size=SIT_CONFIGS[args.model][1],
                                 num_heads=SIT_CONFIGS[args.model][2], patch_size=SIT_CONFIGS[args.model][3],
-                                z_dims=[z], encoder_depth=min(8, SIT_CONFIGS[args.model][0]),
+                                z_dims=[z], encoder_depth=paper_encoder_depth(SIT_CONFIGS[args.model][0]),
                                 projector_dim=args.projector_dim, qk_norm=False, fused_attn=True)
         inner.z_dims_ = [z]
         model = ReleaseREPA(inner)
     else:
         model = create_model(args.model, input_size=args.resolution // 8, z_dims=[z], projector_dim=args.projector_dim,
-                             encoder_depth=min(8, SIT_CONFIGS[args.model][0]),
+                             encoder_depth=paper_encoder_depth(SIT_CONFIGS[args.model][0]),
                              cls_token_dim=0 if args.repa_config else z,
                              fused_attn=not variant.endswith("+plain"))
     ema = copy.deepcopy(model)  # an exact copy, as train.py makes it
     model.to(device).train()
     ema.to(device).eval().requires_grad_(False)
     opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    if variant == "project+fusedadam":
-        opt_kwargs["fused"] = True
-    optimizer = torch.optim.AdamW(model.parameters(), **opt_kwargs)
+    if release:   # the release's AdamW: torch's default kernels
+        optimizer = torch.optim.AdamW(model.parameters(), **opt_kwargs)
+    else:
+        optimizer = make_optimizer(model.parameters(), "foreach" if variant == "project+foreach" else "auto",
+                                   **opt_kwargs)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     encoders = [encoder_proto] if online else []
-    net = torch.compile(model) if args.compile else model
-    if args.compile and online:
-        encoders = [torch.compile(encoder_proto)]
+    net = model
+    if args.compile:
+        if release:
+            net = torch.compile(model)
+        else:
+            model.compile_blocks()   # in place, as train.py --compile
+        if online:
+            encoders = [torch.compile(encoder_proto)]
     loss_fn = SILoss()
     amp = _Amp(device, amp_dtype)
     host = make_batch(args, z, device, online)
@@ -431,6 +440,11 @@ def main(argv=None):
               f"{r['img_s']:8.1f} {fmt_mem(r['peak']):>10s} {flops * r['img_s'] / 1e12:8.3f} {mfu:>6s} {speed:>8s}")
     print("TFLOP/s: analytic model FLOPs (benchmarks/flops.py: 3x SiT forward + encoder forward if online) x img/s.")
     print("speed-up: throughput relative to release-like (same features mode); REPA cfg rows relative to release-ref.")
+    ours = next((r for r in rows if r["variant"] == "project" and r["mode"] == "cached"), None)
+    theirs = next((r for r in rows if r["variant"] == "release-like" and r["mode"] == "online"), None)
+    if ours and theirs:
+        print(f"project with cached features vs release-like (which always runs the encoder online): "
+              f"{theirs['step_s'] / ours['step_s']:.2f}x")
     if device.type != "cuda":
         print("peak mem on CPU: growth of the process's peak RSS during the timed runs (0 when reused memory suffices).")
 

@@ -415,6 +415,11 @@ def _builder(name):
 SiT_models = {name: _builder(name) for name in SIT_CONFIGS}
 
 
+def paper_encoder_depth(depth: int) -> int:
+    """The alignment layer of the paper's recipes: 4 for SiT-B (depth 12) and smaller, 8 for SiT-L/XL."""
+    return 4 if depth <= 12 else 8
+
+
 def create_model(name: str, **kwargs) -> SiT:
     """SiT_models[name](**kwargs) with a clear error for an unknown name."""
     if name not in SiT_models:

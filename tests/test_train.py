@@ -1,5 +1,6 @@
 """train.py end to end on a tiny dataset made here: exact resume, multi-process (gloo), ablations,
 non-finite guard, atomic checkpoints and clear errors for bad input."""
+import copy
 import json
 import os
 import socket
@@ -217,3 +218,28 @@ def test_data_dir_without_the_expected_layout(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(args)
     assert "error:" in capsys.readouterr().err
+
+
+def test_make_optimizer_kernels_keep_the_adamw_update():
+    from train import make_optimizer
+    torch.manual_seed(0)
+    proto = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    finals = {}
+    for impl in ("loop", "foreach", "fused", "auto"):
+        net = copy.deepcopy(proto)
+        opt = (torch.optim.AdamW(net.parameters(), foreach=False, **kw) if impl == "loop"
+               else make_optimizer(net.parameters(), impl, **kw))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            net(torch.randn(4, 16, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        finals[impl] = torch.cat([p.detach().flatten() for p in net.parameters()])
+        if impl in ("fused", "auto"):
+            assert opt.param_groups[0]["fused"]
+    assert torch.equal(finals["foreach"], finals["loop"])                       # bitwise
+    torch.testing.assert_close(finals["fused"], finals["loop"], rtol=0, atol=1e-6)
+    assert not torch.equal(finals["loop"], torch.cat([p.detach().flatten() for p in proto.parameters()]))
+    with pytest.raises(ValueError, match="unknown AdamW implementation"):
+        make_optimizer(proto.parameters(), "sgd", **kw)
