@@ -39,11 +39,11 @@ import torch.nn.functional as F  # noqa: E402
 import loss as loss_module  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from loss import SILoss  # noqa: E402
+from models.autoencoder import SD_VAE_SCALE  # noqa: E402
 from models.encoders import ENCODER_WIDTHS, Encoder, build_encoder, timm_model_name  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
 from train import encoder_targets, make_optimizer, update_ema  # noqa: E402
 
-SD_VAE_SCALE = 0.18215
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

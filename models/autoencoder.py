@@ -251,6 +251,7 @@ class Autoencoder:
             vae = _random_tiny_autoencoder_kl()
         elif os.path.exists(spec):
             vae = _load_autoencoder_kl(spec, spec)
+            spec = os.path.abspath(spec)   # recorded absolute, like pca:FILE
         elif spec.lower().endswith(SINGLE_FILE_EXTS) or spec.startswith((".", "/", "~")):
             raise FileNotFoundError(f"VAE path {spec} does not exist")
         else:

@@ -514,14 +514,11 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
             moments_shape = list(np.load(os.path.join(dest, outputs[0]), mmap_mode="r").shape)
             atomic_write_json(os.path.join(dest, LABELS),
                               {"labels": [[o, labels[f]] for o, f in zip(outputs, src.files)]})
-            recorded = model_url
-            if ae.spec.startswith("pca:") or (os.path.exists(model_url) and model_url not in ("identity", "random-tiny")):
-                recorded = ae.spec if ae.spec.startswith("pca:") else os.path.abspath(model_url)
             num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
             finish_step(dest, {
                 "kind": "latents", "format": FORMAT_VERSION, "params": params,
-                # a local path is recorded absolute so training can rebuild the codec from any cwd
-                "autoencoder": recorded,
+                # the codec's canonical spec (local paths absolute): training rebuilds it from any cwd
+                "autoencoder": ae.spec,
                 "scale": ae.scale, "bias": ae.bias, "latent_channels": ae.latent_channels,
                 "downsample": ae.downsample, "moments_shape": moments_shape, "dtype": "float32",
                 "resolution": resolution, "num_files": len(outputs), "num_classes": int(num_classes)})

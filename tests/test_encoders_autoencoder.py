@@ -104,6 +104,12 @@ def test_env_copy_stands_in_for_hub_id(tiny_vae_dir, monkeypatch):
     assert Autoencoder.from_spec("stabilityai/sd-vae-ft-ema").downsample == 8
 
 
+def test_local_path_spec_is_recorded_absolute(tiny_vae_dir, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(tiny_vae_dir))
+    ae = Autoencoder.from_spec(os.path.join(".", os.path.basename(tiny_vae_dir)))
+    assert ae.spec == tiny_vae_dir          # rebuildable from any working directory
+
+
 def test_autoencoder_bad_input(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
