@@ -17,10 +17,9 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
-
 import torch
 
+from fileio import atomic_torch_save
 from models.sit import SIT_CONFIGS, SiT
 
 CKPT_NAME = re.compile(r"^(\d{7})\.pt$")
@@ -29,19 +28,7 @@ CKPT_NAME = re.compile(r"^(\d{7})\.pt$")
 def save_checkpoint(obj: dict, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-save
     leaves the previous checkpoint (and no half-written file under a real name)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_torch_save(obj, path)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -17,13 +17,14 @@ byte arrays so forked DataLoader workers do not copy them (no per-string refcoun
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
+
+from fileio import read_json
 
 #################################################################################
 #                        On-disk layout (shared with the tools)                  #
@@ -32,7 +33,6 @@ from torch.utils.data import Dataset
 MANIFEST = "manifest.json"          # written last: its presence certifies a complete step
 PARTIAL = ".partial.json"           # written first: a step that started and has not finished
 LABELS = "dataset.json"             # release-compatible {"labels": [[relpath, class], ...]}
-TMP_SUFFIX = ".tmp"                 # atomic writes go through "<name>.<pid>.tmp" files
 
 OUR_IMAGES_DIR = "images"
 OUR_LATENTS_DIR = "vae-latents"
@@ -59,24 +59,6 @@ def latent_key(relpath: str) -> str:
     if base.startswith(RELEASE_LATENT_PREFIX):
         base = "img" + base[len(RELEASE_LATENT_PREFIX):]
     return f"{head}/{base}" if head else base
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode("utf-8"))
-
-
-def read_json(path: str):
-    with open(path, "rb") as f:
-        return json.load(f)
 
 
 def read_manifest(step_dir: str) -> dict | None:

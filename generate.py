@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -46,19 +45,19 @@ import pickle
 import re
 import socket
 import sys
-import tempfile
 import time
 import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from fileio import atomic_open, atomic_save_npz, atomic_write_json, file_sha256, read_json
 from models.autoencoder import Autoencoder
 from models.sit import SIT_CONFIGS, SiT_models
+from runtime import Procs, one_line
 from samplers import SAMPLERS
 
 # Latent codecs that are not the SD-VAE: --vae (an SD-VAE decoder) cannot stand in for them.
@@ -197,53 +196,6 @@ def validate_args(parser: CLIParser, args) -> None:
 #                              Processes and device                             #
 #################################################################################
 
-class Procs:
-    """Rank, world size and device of this process; torch.distributed only under a launcher."""
-
-    def __init__(self, parser: CLIParser, device_flag: str | None, local_rank_flag: int | None):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag or 0))
-        try:
-            device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError:
-            parser.error(f"--device {device_flag!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                parser.error("--device cuda but CUDA is not available; use --device cpu")
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-        self.device = device
-        self.distributed = self.world_size > 1
-        # A caller that already set up torch.distributed (e.g. to call main() several times) keeps it.
-        self.owns_group = self.distributed and not dist.is_initialized()
-        if self.owns_group:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            # Ranks only meet at the start and the end; the end may wait for a slow rank's last batch.
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.distributed:
-            dist.barrier()
-
-    def broadcast(self, obj):
-        """Rank 0's obj on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self):
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 #################################################################################
 #                        Checkpoint -> model and codec                          #
 #################################################################################
@@ -255,13 +207,13 @@ def load_model(parser: CLIParser, args):
     try:
         ckpt = load_checkpoint(args.ckpt)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        parser.error(f"cannot read checkpoint {args.ckpt}: {_one_line(e)[:300]}")
+        parser.error(f"cannot read checkpoint {args.ckpt}: {one_line(e)[:300]}")
     weights = "model" if args.use_model_weights else "ema"
     train_args = ckpt.get("args") or {}
     try:
         model = model_from_checkpoint(ckpt, weights=weights, fused_attn=args.fused_attn)
     except (KeyError, ValueError, RuntimeError) as e:
-        parser.error(f"cannot build the model of {args.ckpt}: {_one_line(e)}")
+        parser.error(f"cannot build the model of {args.ckpt}: {one_line(e)}")
     cfg = model.config
     shape = (cfg["depth"], cfg["hidden_size"], cfg["num_heads"], cfg["patch_size"])
     facts = dict(
@@ -343,21 +295,9 @@ def check_codec(parser: CLIParser, args, model, codec) -> int:
     return resolution
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
-
-
 #################################################################################
 #                     Run configuration (the sidecar JSON)                      #
 #################################################################################
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
 
 def run_key(args, model, facts: dict, spec: str, resolution: int, world_size: int) -> dict:
     """Everything that decides the pixels of image i. Two runs with equal keys give equal images."""
@@ -407,7 +347,7 @@ def _key_diff(old: dict, new: dict) -> str:
 def prepare_run(folder: str, final_json: str, npz_path: str, key: dict, info: dict, num_images: int):
     """Rank 0: check the folder and the final sidecar against this run. Returns (error, complete)."""
     if os.path.isfile(final_json):
-        stored = _read_json(final_json)
+        stored = read_json(final_json)
         if stored.get("key") != key:
             return (f"{npz_path} was made with a different configuration ({_key_diff(stored.get('key', {}), key)}); "
                     "choose another --name or --sample-dir, or delete it"), False
@@ -415,7 +355,7 @@ def prepare_run(folder: str, final_json: str, npz_path: str, key: dict, info: di
             return None, True
     config_path = os.path.join(folder, "config.json")
     if os.path.isfile(config_path):
-        stored = _read_json(config_path)
+        stored = read_json(config_path)
         if stored.get("key") != key:
             return (f"sample dir {folder} holds images from a different configuration "
                     f"({_key_diff(stored.get('key', {}), key)}); choose another --name or --sample-dir, or delete it"), False
@@ -426,29 +366,8 @@ def prepare_run(folder: str, final_json: str, npz_path: str, key: dict, info: di
     else:
         runs = [info]
     os.makedirs(folder, exist_ok=True)
-    _write_atomic(config_path, lambda f: f.write(json.dumps(dict(key=key, runs=runs), indent=2).encode()))
+    atomic_write_json(config_path, dict(key=key, runs=runs))
     return None, False
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_atomic(path: str, write) -> None:
-    """write(f) into a temporary file next to path, fsync, then rename over path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 #################################################################################
@@ -563,13 +482,14 @@ def rank_batches(args, todo, rank: int, world: int):
 
 
 def write_shard(folder: str, name: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
-    _write_atomic(os.path.join(folder, name),
-                  lambda f: np.savez(f, images=images, labels=labels.astype(np.int64), indices=indices.astype(np.int64)))
+    atomic_save_npz(os.path.join(folder, name), images=images, labels=labels.astype(np.int64),
+                    indices=indices.astype(np.int64))
 
 
 def save_pngs(folder: str, images: np.ndarray, indices: np.ndarray) -> None:
     for img, i in zip(images, indices):
-        _write_atomic(os.path.join(folder, f"{int(i):06d}.png"), lambda f: Image.fromarray(img).save(f, format="PNG"))
+        with atomic_open(os.path.join(folder, f"{int(i):06d}.png")) as f:
+            Image.fromarray(img).save(f, format="PNG")
 
 
 def assemble_npz(folder: str, num_images: int, npz_path: str) -> np.ndarray:
@@ -611,18 +531,15 @@ def assemble_npz(folder: str, num_images: int, npz_path: str) -> np.ndarray:
             yield block
             group, start, covered = [], stop, 0
 
-    def write(f):
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": (num_images, *image_shape)}
-                np.lib.format.write_array_header_1_0(member, header)
-                for block in blocks():
-                    member.write(np.ascontiguousarray(block).data)
-            with zf.open("arr_1.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, labels)
-
-    _write_atomic(npz_path, write)
+    with atomic_open(npz_path) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (num_images, *image_shape)}
+            np.lib.format.write_array_header_1_0(member, header)
+            for block in blocks():
+                member.write(np.ascontiguousarray(block).data)
+        with zf.open("arr_1.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, labels)
     return labels
 
 
@@ -648,7 +565,10 @@ def main(argv=None) -> str | None:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(parser, args)
-    procs = Procs(parser, args.device, args.local_rank)
+    try:
+        procs = Procs(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     # Global state is restored on the way out, so main() can be called from other code (and tests).
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -671,7 +591,7 @@ def _run(parser: CLIParser, args, procs: Procs) -> str | None:
     try:
         codec = Autoencoder.from_spec(spec, device=device)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
-        parser.error(f"cannot load the decoder {spec!r}: {_one_line(e)} "
+        parser.error(f"cannot load the decoder {spec!r}: {one_line(e)} "
                      "(--vae-path points at a local copy of a diffusers AutoencoderKL)")
     resolution = check_codec(parser, args, model, codec)
     args.path_type = args.path_type or facts["path_type"] or "linear"
@@ -762,13 +682,13 @@ def _run(parser: CLIParser, args, procs: Procs) -> str | None:
         return None
     t0 = time.time()
     labels = assemble_npz(folder, N, npz_path)
-    stored = _read_json(os.path.join(folder, "config.json"))
+    stored = read_json(os.path.join(folder, "config.json"))
     counts = np.bincount(labels, minlength=num_classes)
     sidecar = dict(key=stored["key"], num_images=N, npz=os.path.basename(npz_path),
                    arrays={"arr_0": [N, *([resolution] * 2), 3], "arr_1": [N]},
                    label_counts={"min": int(counts.min()), "max": int(counts.max())},
                    runs=stored["runs"])
-    _write_atomic(final_json, lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
+    atomic_write_json(final_json, sidecar)
     print(f"saved {npz_path} [{N} x {resolution} x {resolution} x 3] in {time.time() - t0:.1f}s; "
           f"settings in {final_json}")
     return npz_path

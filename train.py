@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from fileio import atomic_open
 from checkpoint import checkpoint_paths, load_checkpoint, prune_checkpoints, save_checkpoint
 from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, SILoss
 from models.sit import SIT_CONFIGS, SiT_models
@@ -523,9 +524,8 @@ def sample_grid(ema, codec, grid_inputs, args, step, exp_dir, accelerator, devic
     folder = os.path.join(exp_dir, "samples")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{step:07d}.png")
-    tmp = path + ".tmp.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        Image.fromarray(grid).save(f, format="PNG")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("ema_samples", grid, step, dataformats="HWC")

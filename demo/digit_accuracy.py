@@ -3,11 +3,14 @@ on scikit-learn's real 8x8 digits; every generated image (arr_0 of a generate.py
 arr_1) is reduced to the same 8x8 grey format and classified. Prints the per-class and overall
 accuracy next to chance (10%), writes them as JSON, and a PNG grid with one row per class."""
 import argparse
-import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fileio import atomic_write_json  # noqa: E402
 
 
 def to_digits_format(images: np.ndarray) -> np.ndarray:
@@ -48,10 +51,7 @@ def main(argv=None):
     per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
     result = {"accuracy": float((pred == labels).mean()), "chance": 0.1, "per_class": per_class,
               "num_samples": int(len(labels)), "classifier_train_accuracy": float(clf.score(digits.data, digits.target))}
-    tmp = args.out_json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out_json)
+    atomic_write_json(args.out_json, result)
     Image.fromarray(class_grid(images, labels)).save(args.out_grid)
     print(f"digit accuracy of the samples: {result['accuracy']:.1%} (chance 10%); per class: "
           + " ".join(f"{c}:{a:.0%}" for c, a in per_class.items()))

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evaluations import inception, metrics  # noqa: E402
+from fileio import atomic_save_npz, atomic_write_json, file_sha256  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 64  # ADM's default; results do not depend on it
 IS_SPLIT_SIZE = 5000
@@ -180,19 +179,6 @@ def compute_activations(model: inception.InceptionFeatures, path, batch_size: in
     return {key: np.concatenate(parts, axis=0) for key, parts in out.items()}
 
 
-def atomic_save_npz(path: Path, **arrays) -> None:
-    """np.savez to a temp file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def activation_cache_path(ref_path: str | os.PathLike) -> Path:
     ref_path = Path(ref_path)
     return ref_path.with_name(ref_path.stem + ".inception-acts.npz")
@@ -304,7 +290,7 @@ def evaluate(
     weights = inception.resolve_weights_path(inception_weights)
     device = torch.device(device if device is not None else default_device())
 
-    sha = inception.sha256_of_file(weights)
+    sha = file_sha256(weights)
     if not inception.is_published_weights(sha):
         _log(
             f"WARNING: {weights} is not the published Inception file (SHA-256 {sha[:8]}..., expected "
@@ -366,19 +352,6 @@ def evaluate(
 def metrics_json_path(sample_npz_path) -> Path:
     p = Path(sample_npz_path)
     return p.with_name(p.stem + ".metrics.json")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,7 +421,7 @@ def main(argv=None) -> dict:
     payload = dict(result)
     payload.update(details)
     payload.update(reference_batch=str(Path(args.ref_batch).resolve()), sample_batch=str(Path(args.sample_batch).resolve()))
-    write_json_atomic(out, payload)
+    atomic_write_json(out, payload)
     _log(f"wrote {out}")
     return result
 

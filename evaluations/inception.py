@@ -31,7 +31,6 @@ seeded random-weight file of the same layout for tests and demos (numbers from i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +39,8 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+from fileio import atomic_torch_save
 
 # ----------------------------------------------------------------------------------------------------
 # Constants
@@ -83,15 +84,6 @@ def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file {str(path)!r} (from {source}) does not exist. {hint}")
     return path
-
-
-def sha256_of_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_published_weights(sha256: str) -> bool:
@@ -157,16 +149,7 @@ def save_random_weights(path: str | os.PathLike, seed: int = 0) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = random_state_dict(seed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(random_state_dict(seed), path)
     return path
 
 

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -40,6 +39,8 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evaluations import evaluator, inception, metrics  # noqa: E402
+from fileio import atomic_open, atomic_save_npz, file_sha256  # noqa: E402
+from preprocessing.transforms import center_crop_dhariwal  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -59,17 +60,6 @@ def list_images(source: str | os.PathLike) -> list[Path]:
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(source)!r}")
     return files
-
-
-def center_crop_dhariwal(img: PIL.Image.Image, size: int) -> np.ndarray:
-    """ADM's crop: halve with BOX while the short side >= 2 * size, BICUBIC the short side to size, centre-crop."""
-    while min(img.size) >= 2 * size:
-        img = img.resize((img.width // 2, img.height // 2), resample=PIL.Image.BOX)
-    ratio = size / min(img.size)
-    img = img.resize((round(img.width * ratio), round(img.height * ratio)), resample=PIL.Image.BICUBIC)
-    arr = np.asarray(img)  # (H, W, 3) uint8
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
 
 
 def load_image(path: Path, resolution: int | None) -> np.ndarray:
@@ -166,7 +156,7 @@ def streamed_statistics(model, files, resolution, shape, batch_size, weights_sha
             state[f"outer_{k}"] += a.T @ a
         state["next"] = np.array(min(start + batch_size, len(files)))
         if (i + 1) % save_every == 0 and state["next"] < len(files):
-            evaluator.atomic_save_npz(progress_path, fingerprint=np.array(fingerprint), **state)
+            atomic_save_npz(progress_path, fingerprint=np.array(fingerprint), **state)
     n = len(files)
     stats = []
     for k in dims:
@@ -216,7 +206,7 @@ def build_reference_batch(
     model = sha = None
     if with_stats:  # fail on missing weights before reading thousands of images
         weights = inception.resolve_weights_path(inception_weights)
-        sha = inception.sha256_of_file(weights)
+        sha = file_sha256(weights)
         device = torch.device(device if device is not None else evaluator.default_device())
         model = inception.InceptionFeatures(weights, device)
 
@@ -229,11 +219,9 @@ def build_reference_batch(
     if with_stats and stats_from == "all":
         stats = streamed_statistics(model, all_files, resolution, first.shape, batch_size, sha, progress)
 
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name + ".", suffix=".tmp")
-    os.close(fd)
     pools, spatials = [], []
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_open(out_path) as out_file:
+        with zipfile.ZipFile(out_file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with _npy_stream(zf, "arr_0", (len(files), *first.shape), np.uint8) as f:
                 for start in tqdm(range(0, len(files), batch_size), desc="reference", disable=None, file=sys.stderr):
                     batch = _load_batch(files[start : start + batch_size], resolution, first.shape)  # (B, H, W, 3)
@@ -249,11 +237,6 @@ def build_reference_batch(
                 (mu, sigma), (mu_s, sigma_s) = stats
                 for name, value in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
                     _write_npy(zf, name, value)
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     with contextlib.suppress(FileNotFoundError):
         progress.unlink()
     if model is not None:  # seed the evaluator's activation cache for this reference batch

@@ -32,16 +32,18 @@ import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
-from datetime import timedelta  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset import (IMAGE_EXTS, LABELS, MANIFEST, PARTIAL, TMP_SUFFIX, atomic_write_bytes,  # noqa: E402
-                     atomic_write_json, decode_image, features_dir_name, image_key, list_files,
-                     read_json)
+from dataset import (IMAGE_EXTS, LABELS, MANIFEST, PARTIAL, decode_image, features_dir_name,  # noqa: E402
+                     image_key, list_files)
+from fileio import (atomic_open, atomic_torch_save, atomic_write_bytes, atomic_write_json,  # noqa: E402
+                    is_temp_file, npy_bytes, read_json)
+from preprocessing.transforms import TRANSFORMS, apply_transform  # noqa: E402
+from runtime import Procs  # noqa: E402
 
 FORMAT_VERSION = 1
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
@@ -132,51 +134,13 @@ def resolve_labels(source: ImageSource) -> tuple[dict[str, int], int, list[str] 
 
 
 #################################################################################
-#                                 Transforms                                     #
+#                                  PNG output                                    #
 #################################################################################
-
-TRANSFORMS = ("center-crop-dhariwal", "center-crop", "none")
-
-
-def center_crop_dhariwal(img: PIL.Image.Image, size: int) -> np.ndarray:
-    """ADM's ImageNet crop: BOX-halve while the short side >= 2 * size, BICUBIC-scale the short
-    side to size (rounding both sides), then take the centre size x size window."""
-    while min(img.size) >= 2 * size:
-        img = img.resize((img.width // 2, img.height // 2), resample=PIL.Image.BOX)
-    ratio = size / min(img.size)
-    img = img.resize((round(img.width * ratio), round(img.height * ratio)), resample=PIL.Image.BICUBIC)
-    arr = np.asarray(img)                                           # (H, W, 3) uint8
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-def center_crop(img: PIL.Image.Image, size: int) -> np.ndarray:
-    """Plain crop: the centred square of side min(H, W), LANCZOS-resized to size x size."""
-    arr = np.asarray(img)
-    h, w = arr.shape[:2]
-    side = min(h, w)
-    arr = arr[(h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
-    return np.asarray(PIL.Image.fromarray(arr).resize((size, size), resample=PIL.Image.LANCZOS))
-
-
-def apply_transform(img: PIL.Image.Image, transform: str, size: int) -> np.ndarray:
-    if transform == "center-crop-dhariwal":
-        return center_crop_dhariwal(img, size)
-    if transform == "center-crop":
-        return center_crop(img, size)
-    return np.asarray(img)
-
 
 def png_bytes(arr: np.ndarray) -> bytes:
     """Uncompressed PNG: fast to decode in the training loop."""
     buf = io.BytesIO()
     PIL.Image.fromarray(arr).save(buf, format="png", compress_level=0, optimize=False)
-    return buf.getvalue()
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr))
     return buf.getvalue()
 
 
@@ -224,7 +188,7 @@ def finish_step(dest: str, manifest: dict) -> None:
     os.remove(os.path.join(dest, PARTIAL))
     for root, _, files in os.walk(dest):
         for f in files:
-            if f.endswith(TMP_SUFFIX):
+            if is_temp_file(f):
                 os.remove(os.path.join(root, f))
 
 
@@ -336,59 +300,17 @@ def convert(source: str, dest: str, resolution: int, transform: str = "center-cr
 
 def _pack_zip(folder: str, dest: str) -> None:
     """Folder -> uncompressed zip (manifest last), written atomically; the folder is removed."""
-    tmp = f"{dest}.{os.getpid()}{TMP_SUFFIX}"
     rel = list_files(folder, (".png", ".json"))
     rel = [r for r in rel if r != MANIFEST] + [MANIFEST]
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+    with atomic_open(dest) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
         for r in rel:
             z.write(os.path.join(folder, r), r)
-    os.replace(tmp, dest)
     shutil.rmtree(folder)
 
 
 #################################################################################
 #                        Distributed work splitting (torchrun)                   #
 #################################################################################
-
-class Ranks:
-    """Rank / world size from torchrun's environment; one process is rank 0 of 1.
-
-    Under torchrun a process group is created (NCCL with GPUs, gloo on CPU) only for barriers;
-    its timeout is long because ranks may wait hours for the slowest one.
-    """
-
-    def __init__(self, device: str | None = None):
-        self.owns_group = False
-        self.rank, self.world = 0, 1
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        want_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-        if device is None or device == "cuda":
-            self.device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
-        else:
-            self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for but CUDA is not available")
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            import torch.distributed as dist
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                        timeout=timedelta(days=3))
-                self.owns_group = True
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    def barrier(self) -> None:
-        if self.world > 1 or self.owns_group:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-            self.owns_group = False
-
 
 class _ImageFiles(torch.utils.data.Dataset):
     """(position, uint8 (3, H, W) or None, error or None) for DataLoader workers."""
@@ -475,12 +397,12 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     src, src_manifest, labels = _open_source_for_step(source)
     _check_not_inside(dest, src)
-    ranks = Ranks(device)
+    ranks = Procs(device)
     try:
         params = {"source": src.path, "source_fingerprint": src.fingerprint(), "model_url": model_url}
         status = open_step(dest, "latents", params, write=False)
         if status == "complete":
-            return {"status": status, "written": 0, "rank": ranks.rank, "world": ranks.world}
+            return {"status": status, "written": 0, "rank": ranks.rank, "world": ranks.world_size}
         resolution = _source_resolution(src, src_manifest)
         ae = Autoencoder.from_spec(model_url, device=ranks.device)
         if resolution % ae.downsample:
@@ -491,7 +413,7 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
         ranks.barrier()
 
         outputs = [image_key(f) + ".npy" for f in src.files]
-        mine = [i for i in range(ranks.rank, len(src.files), ranks.world)
+        mine = [i for i in range(ranks.rank, len(src.files), ranks.world_size)
                 if not os.path.isfile(os.path.join(dest, outputs[i]))]
         rels = [src.files[i] for i in mine]
         written = 0
@@ -523,7 +445,7 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
                 "downsample": ae.downsample, "moments_shape": moments_shape, "dtype": "float32",
                 "resolution": resolution, "num_files": len(outputs), "num_classes": int(num_classes)})
         ranks.barrier()
-        return {"status": status, "written": written, "rank": ranks.rank, "world": ranks.world}
+        return {"status": status, "written": written, "rank": ranks.rank, "world": ranks.world_size}
     finally:
         ranks.close()
 
@@ -561,10 +483,7 @@ def fit_pca(source: str, dest: str, factor: int = 8, channels: int = 4, max_imag
 
     state = fit_patch_pca(batches(), factor, channels)
     state["params"] = params
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    atomic_write_bytes(dest, buf.getvalue())
+    atomic_torch_save(state, dest)
     return {"status": "written", "written": 1, "explained_variance": round(state["explained_variance"], 5),
             "scale": round(state["scale"], 5)}
 
@@ -602,7 +521,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         raise ValueError("cache-features reads an images folder, not a zip; unpack it next to the latents first")
     dest = dest or os.path.join(os.path.dirname(src.path), features_dir_name(enc_type, kind))
     _check_not_inside(dest, src)
-    ranks = Ranks(device)
+    ranks = Procs(device)
     try:
         resolution = _source_resolution(src, src_manifest)
         keys = [image_key(f) for f in src.files]
@@ -621,7 +540,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
 
         num_chunks = (len(keys) + chunk_size - 1) // chunk_size
         bounds = [(c * chunk_size, min(len(keys), (c + 1) * chunk_size)) for c in range(num_chunks)]
-        todo = [c for c in range(ranks.rank, num_chunks, ranks.world)
+        todo = [c for c in range(ranks.rank, num_chunks, ranks.world_size)
                 if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
         rels = [src.files[i] for c in todo for i in range(*bounds[c])]
         autocast = torch.autocast(ranks.device.type, dtype=torch.float16,

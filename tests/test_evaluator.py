@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluations import evaluator, inception, metrics, reference
+from fileio import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 N = 4  # the minimum for k = 3 nearest neighbours
@@ -55,7 +56,7 @@ def files(tmp_path_factory, images, weights):
     (png_dir / "dataset.json").write_text("{}")
     ref_stats = reference.build_reference_batch(png_dir, d / "ref_stats.npz", inception_weights=weights, batch_size=3)
     np.savez(d / "ref.npz", arr_0=ref)
-    sha = inception.sha256_of_file(weights)
+    sha = file_sha256(weights)
     evaluator.write_activation_cache(d / "ref.npz", evaluator.read_activation_cache(ref_stats, sha), sha)
     np.savez(d / "sample.npz", arr_0=sample, arr_1=np.arange(N))
     return {"dir": d, "ref": d / "ref.npz", "ref_stats": ref_stats, "sample": d / "sample.npz", "sha": sha}
@@ -129,7 +130,7 @@ def test_random_weights_are_seeded_and_match_published_keys(weights):
     assert all(torch.equal(saved[k], again[k]) for k in saved)  # same seed, same network
     assert not any(k.endswith("num_batches_tracked") for k in saved)  # same keys as the published file
     assert saved["fc.weight"].shape == (1008, 2048)
-    assert not inception.is_published_weights(inception.sha256_of_file(weights))
+    assert not inception.is_published_weights(file_sha256(weights))
 
 
 # ----------------------------------------------------------------------------------------------------

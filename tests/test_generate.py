@@ -23,6 +23,7 @@ from checkpoint import model_from_checkpoint, load_checkpoint, save_checkpoint
 from samplers import euler_maruyama_sampler
 
 import generate
+from fileio import file_sha256
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5,
             z_dims=[16], projector_dim=32, encoder_depth=1)
@@ -210,7 +211,7 @@ def test_per_image_seeding_is_independent_of_world_and_batch_size(ckpts, ddp, tm
     assert len({one[i].tobytes() for i in range(7)}) == 7 and one.std() > 20   # non-trivial samples
 
     key = one_meta["key"]
-    assert key["checkpoint_sha256"] == generate.file_sha256(ckpts["reg"])
+    assert key["checkpoint_sha256"] == file_sha256(ckpts["reg"])
     assert (key["sampler"], key["num_steps"], key["cfg_scale"], key["cls_cfg_scale"]) == ("sde", 4, 2.0, 1.5)
     assert key["guidance_interval"] == [0.0, 0.7] and key["seed_scheme"] == "per-image"
     assert key["labels"] == "uniform" and key["precision"] == "fp32" and key["weights"] == "ema"

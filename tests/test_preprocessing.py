@@ -162,7 +162,8 @@ def _fail_after(monkeypatch, n):
         calls["n"] += 1
         if calls["n"] > n:
             # Killed mid-write: a temp file is left behind, the target is not.
-            open(f"{path}.999.tmp", "wb").write(data[: len(data) // 2])
+            left = os.path.join(os.path.dirname(path), f".tmp-otherhost-999-x{calls['n']}.part")
+            open(left, "wb").write(data[: len(data) // 2])
             raise _Interrupt(path)
         real(path, data)
     monkeypatch.setattr(dt, "atomic_write_bytes", flaky)
@@ -182,7 +183,7 @@ def test_convert_resumes_after_interruption(tmp_path, monkeypatch):
         REGDataset(str(tmp_path), images_dir="img", latents_dir="img")
     summary = _run(args)
     assert summary["existing"] == 3 and summary["written"] == 8
-    assert not list((tmp_path / "img").rglob("*.tmp"))
+    assert len([p for p in (tmp_path / "img").rglob(".tmp-*")]) == 0
     _run(["convert", "--source", raw, "--dest", tmp_path / "clean", "--resolution", RES, "--workers", "0"])
     for p in (tmp_path / "clean").rglob("*.png"):
         assert p.read_bytes() == (tmp_path / "img" / p.relative_to(tmp_path / "clean")).read_bytes()

@@ -1,0 +1,139 @@
+"""Files that are never half-written, and the few file helpers every script shares.
+
+Every output of the project (checkpoints, sample shards and batches, manifests, metrics, caches)
+goes through ``atomic_open``: the bytes land in a temporary file in the destination folder,
+are flushed to disk, get the permissions the user's umask gives any new file (mkstemp's
+private 0600 would hide checkpoints from colleagues on a shared cluster), and are renamed over
+the destination. A reader therefore sees the old file or the new one, never a part.
+
+Temporary files are named ``.tmp-<host>-<pid>-<random><suffix>``, so a run can find the ones
+that earlier, killed processes left behind (``remove_stale_temp_files``) without touching
+anything that is not ours.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import tempfile
+
+TMP_PREFIX = ".tmp-"
+_TMP_RE = re.compile(r"^\.tmp-(?P<host>[^/]*)-(?P<pid>\d+)-[^/]*$")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def _own_prefix() -> str:
+    return f"{TMP_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def default_file_mode() -> int:
+    """0o666 & ~umask: what open() gives a new file (0o644 under the usual umask 022)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask by setting it, then put it back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, fsync: bool = True):
+    """``with atomic_open(path) as f: f.write(...)``: binary handle on a temp file that replaces
+    ``path`` when the block ends without an exception (and is removed if it raises)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_own_prefix(), suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, fsync=fsync) as f:
+        f.write(data)
+
+
+def atomic_write_json(path, obj, indent: int | None = 2) -> None:
+    """Strict JSON (NaN and infinities are refused, not written as bare tokens)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def atomic_torch_save(obj, path) -> None:
+    import torch
+
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_save_npz(path, **arrays) -> None:
+    import numpy as np
+
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
+
+
+def npy_bytes(array) -> bytes:
+    """One array as the bytes of a .npy file."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array))
+    return buf.getvalue()
+
+
+def read_json(path):
+    with open(path, "rb") as f:
+        return json.load(f)
+
+
+def file_sha256(path, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_temp_file(name: str) -> bool:
+    return _TMP_RE.match(os.path.basename(name)) is not None
+
+
+def remove_stale_temp_files(folder, recursive: bool = False) -> list[str]:
+    """Delete temp files that processes other than this one left in ``folder`` (a kill -9 during a
+    write leaves them). Call it once at the start of a job, before any rank writes there; only
+    files matching our own temp pattern are touched. Returns the removed paths."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    own = _own_prefix()
+    removed = []
+    walker = os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]
+    for root, _, names in walker:
+        for name in names:
+            path = os.path.join(root, name)
+            if is_temp_file(name) and not name.startswith(own) and os.path.isfile(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    removed.append(path)
+    return removed

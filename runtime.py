@@ -1,0 +1,127 @@
+"""Processes, ranks and devices for the scripts that do not run under Accelerate
+(generate.py, preprocessing/dataset_tools.py, evaluations), plus the few runtime helpers
+every script shares (one-line errors, downloads done once per node).
+
+Under a launcher (torchrun, ``python -m torch.distributed.launch``, accelerate launch, SLURM
+with those variables set) a process group is created: NCCL when the device is a GPU, gloo on
+the CPU. Alone, a process is rank 0 of 1 and nothing is initialised.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# How long ranks wait for each other at a collective before the job is aborted. Generous on
+# purpose: a rank may wait for the slowest one's last batch, or for rank 0 writing a checkpoint
+# of several GB to slow storage (PyTorch's default is 10 minutes).
+DEFAULT_TIMEOUT_MIN = 120
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message with whitespace folded, or its type name."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def launcher_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) when alone."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(flag: str | None, local_rank: int, world_size: int) -> torch.device:
+    """The device of this process. None / "cuda": cuda:LOCAL_RANK if a GPU exists (else the CPU
+    for None); "cuda:N" is refused under a launcher with several processes, where it would put
+    every rank on one GPU. Raises ValueError with a one-line message."""
+    try:
+        device = torch.device(flag) if flag else None
+    except RuntimeError:
+        raise ValueError(f"--device {flag!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {flag} but CUDA is not available; use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", local_rank % count)
+    if world_size > 1 and device.index != local_rank % count:
+        raise ValueError(f"--device {flag} under a launcher with {world_size} processes would put every rank on "
+                         f"one GPU; use --device cuda (each rank takes cuda:LOCAL_RANK)")
+    return device
+
+
+class Procs:
+    """Rank, world size and device of this process, and the collectives the scripts need."""
+
+    def __init__(self, device: str | None = None, timeout_min: float = DEFAULT_TIMEOUT_MIN):
+        self.rank, self.world_size, self.local_rank = launcher_env()
+        self.device = resolve_device(device, self.local_rank, self.world_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.distributed = self.world_size > 1
+        # A caller that already set up torch.distributed (tests calling main() twice) keeps it.
+        self.owns_group = self.distributed and not dist.is_initialized()
+        if self.owns_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=timeout_min))
+        if self.distributed:
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's obj on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Run the block on each node's local rank 0 first, then on the other ranks (downloads)."""
+        with local_main_first(self.local_rank, self.barrier):
+            yield
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+@contextlib.contextmanager
+def local_main_first(local_rank: int, barrier):
+    """The block runs on local rank 0, then (after a barrier) on the others: torch.hub and the
+    Hugging Face cache move and delete folders while they download, so ranks that fill an empty
+    cache at the same time break each other's files. ``barrier`` is the job's barrier."""
+    if local_rank != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if local_rank == 0:
+            barrier()
