@@ -33,6 +33,20 @@ def interpolant(t, path_type: str = "linear"):
     raise ValueError(f"unknown path_type {path_type!r}; choose one of {PATH_TYPES}")
 
 
+def resolution_shift(latent_shape, base: int = 4096) -> float:
+    """The time shift of a latent shape (C, H, W): sqrt(C H W / base). SD-VAE latents at 256 px
+    (4 x 32 x 32 = 4096 values) give exactly 1, i.e. no shift."""
+    return math.sqrt(math.prod(int(s) for s in latent_shape) / base)
+
+
+def time_shift(t, shift: float):
+    """t' = s t / (1 + (s - 1) t), clamped to [0, 1] (SD3's resolution shift, as SpeedrunDiT uses it;
+    t = 1 is noise here, so s > 1 spends more time at high noise). s = 1 returns t itself."""
+    if shift == 1:
+        return t
+    return (shift * t / (1 + (shift - 1) * t)).clamp(0.0, 1.0)
+
+
 def mean_flat(x):
     """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
     return torch.mean(x, dim=list(range(1, x.ndim)))
