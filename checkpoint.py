@@ -17,12 +17,16 @@ import argparse
 import os
 import pickle
 import re
+import threading
+import time
+
 import torch
 
-from fileio import atomic_torch_save
+from fileio import atomic_torch_save, remove_stale_temp_files
+from runtime import one_line
 from models.sit import SIT_CONFIGS, SiT
 
-CKPT_NAME = re.compile(r"^(\d{7})\.pt$")
+CKPT_NAME = re.compile(r"^(\d{7,})\.pt$")   # {step:07d}.pt
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -113,3 +117,105 @@ def model_from_checkpoint(ckpt: dict, weights: str = "ema", **overrides) -> SiT:
     model = SiT(**config)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+#################################################################################
+#                      A run's checkpoints: save, choose, restore               #
+#################################################################################
+
+def snapshot(value):
+    """A CPU copy of a (nested) state: tensors cloned, so training may go on changing the originals."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class Checkpointer:
+    """The checkpoints of one run folder: ``{folder}/{step:07d}.pt``.
+
+    ``save(step, state)`` takes a mapping name -> object with ``state_dict()`` (model, ema, opt,
+    scaler, rng, data) or a plain value (steps, args, model_config, ...), copies it to the CPU at
+    once and writes it atomically on a background thread while training goes on: never two
+    writes at once, the previous checkpoint untouched until the new one is complete, so a save
+    slower than the collective timeout cannot stall the other ranks. ``wait()`` finishes the write
+    and raises its error as one line. Only the process that writes (rank 0) calls save/wait."""
+
+    def __init__(self, folder: str, keep_last: int = 0, background: bool = True, log=print):
+        self.folder, self.keep_last, self.background, self.log = folder, keep_last, background, log
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    # ------------------------------------------------------------------ listing
+    def paths(self) -> list[tuple[int, str]]:
+        return checkpoint_paths(self.folder)
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Temp files of earlier, killed saves (call once when the run starts, before any save)."""
+        return remove_stale_temp_files(self.folder)
+
+    def choose(self, resume_step: int | None, log=print) -> tuple[str | None, dict | None]:
+        """(path, loaded checkpoint) to resume from: ``resume_step``'s, else the newest one that
+        loads; an unreadable newest checkpoint is reported in one line and the next one tried.
+        (None, None) when there is none. Errors name the folder and what exists."""
+        saved = self.paths()
+        if resume_step is not None:
+            match = [p for s, p in saved if s == resume_step]
+            if not match:
+                raise FileNotFoundError(f"no checkpoint for step {resume_step} in {self.folder} "
+                                        f"(have: {[s for s, _ in saved] or 'none'})")
+            return match[0], load_checkpoint(match[0])
+        for step, path in reversed(saved):
+            try:
+                return path, load_checkpoint(path)
+            except ValueError as e:
+                log(f"warning: {one_line(e)}; falling back to an older checkpoint")
+        if saved:
+            raise ValueError(f"no checkpoint in {self.folder} can be read ({len(saved)} tried); "
+                             "delete them or use another --exp-name")
+        return None, None
+
+    # ------------------------------------------------------------------ writing
+    def save(self, step: int, state: dict) -> str:
+        self.wait()
+        obj = {name: snapshot(value.state_dict() if hasattr(value, "state_dict") else value)
+               for name, value in state.items()}
+        path = os.path.join(self.folder, f"{step:07d}.pt")
+        if self.background:
+            self._thread = threading.Thread(target=self._write, args=(path, obj), name="checkpoint-writer")
+            self._thread.start()
+        else:
+            self._write(path, obj)
+            self.raise_if_failed()
+        return path
+
+    def _write(self, path: str, obj: dict) -> None:
+        t0 = time.time()
+        try:
+            save_checkpoint(obj, path)
+            prune_checkpoints(self.folder, self.keep_last)
+        except BaseException as e:  # noqa: BLE001 - reported on the training thread as one line
+            previous = [p for s, p in self.paths() if p != path]
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            self._error = (f"could not write checkpoint {path}: {one_line(e)} (disk full or not writable? "
+                           f"{kept}; free space or fix {self.folder}, then rerun the same command to resume)")
+            return
+        self.log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None and (self._thread is None or not self._thread.is_alive()):
+            message, self._error = self._error, None
+            raise CheckpointError(message)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.raise_if_failed()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message is one line saying what to do."""

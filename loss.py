@@ -5,7 +5,8 @@
     total = mean ||v_theta - v||^2 + proj_coeff * proj + cls_coeff * mean ||v_cls_theta - v_cls||^2
 
 with proj the REPA alignment: mean over encoders, samples and tokens of -cos(h_phi(h_t), y_*)
-(paper eqs. for REPA and REG; spec section 2). The caller weighs the terms (train.py).
+(paper eqs. for REPA and REG; spec section 2). ``REGObjective`` owns the weights and names
+the terms; ``SILoss`` keeps the release's call.
 """
 from __future__ import annotations
 
@@ -81,30 +82,44 @@ class LossTerms(NamedTuple):
 
 
 class SILoss:
-    """Stochastic-interpolant loss with REG's class-token term and REPA's alignment term."""
+    """Stochastic-interpolant loss with REG's class-token term and REPA's alignment term.
 
-    def __init__(self, prediction: str = "v", path_type: str = "linear", weighting: str = "uniform"):
+    ``__call__`` is the release's call and returns its 5-tuple; ``terms`` returns everything one
+    step computes (outputs and targets included), which ``REGObjective`` turns into named terms.
+    ``time_shift`` (1 = none, the release) shifts the sampled t as SD3 / SpeedrunDiT do."""
+
+    def __init__(self, prediction: str = "v", path_type: str = "linear", weighting: str = "uniform",
+                 time_shift: float = 1.0):
         for name, value, choices in (("prediction", prediction, PREDICTIONS),
                                      ("path_type", path_type, PATH_TYPES),
                                      ("weighting", weighting, WEIGHTINGS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+        if not time_shift > 0:
+            raise ValueError(f"time_shift must be > 0 (1 = no shift), got {time_shift}")
         self.prediction = prediction
         self.path_type = path_type
         self.weighting = weighting
+        self.time_shift = float(time_shift)
 
     def sample_time(self, n: int) -> torch.Tensor:
-        """(n, 1, 1, 1) on the CPU generator, as the release draws it."""
+        """(n, 1, 1, 1) on the CPU generator, as the release draws it (then shifted, if asked)."""
         if self.weighting == "uniform":
-            return torch.rand((n, 1, 1, 1))
-        s = torch.randn((n, 1, 1, 1)).exp()                            # EDM-style log-normal sigma
-        return s / (1 + s) if self.path_type == "linear" else 2 / math.pi * torch.atan(s)
+            t = torch.rand((n, 1, 1, 1))
+        else:
+            s = torch.randn((n, 1, 1, 1)).exp()                        # EDM-style log-normal sigma
+            t = s / (1 + s) if self.path_type == "linear" else 2 / math.pi * torch.atan(s)
+        return time_shift(t, self.time_shift)
 
-    def __call__(self, model, images, model_kwargs=None, zs=None, cls_token=None,
-                 time_input=None, noises=None, noises_cls=None) -> LossTerms:
+    def terms(self, model, images, model_kwargs=None, zs=None, cls_token=None,
+              time_input=None, noises=None, noises_cls=None) -> dict:
         """images (N, C, H, W) clean latents; zs: per encoder (N, L, Z) clean features;
         cls_token (N, Z) clean class token (REG) or None (REPA/SiT). Missing random inputs are
-        drawn in the release's order: t, then eps, then eps_cls."""
+        drawn in the release's order: t, then eps, then eps_cls.
+
+        Returns per-sample ``denoising_loss`` and ``denoising_loss_cls`` (N,), the scalar
+        ``proj_loss``, and ``time_input``, ``noises``, ``output``, ``target``, ``cls_output``,
+        ``cls_target`` for terms built on top (contrastive flow matching)."""
         model_kwargs = model_kwargs or {}
         n = images.shape[0]
         if time_input is None:
@@ -141,4 +156,63 @@ class SILoss:
             proj_loss = projection_loss(zs, zs_tilde)
         else:
             proj_loss = torch.zeros((), device=images.device)
-        return LossTerms(denoising_loss, proj_loss, time_input, noises, denoising_loss_cls)
+        return dict(denoising_loss=denoising_loss, proj_loss=proj_loss, denoising_loss_cls=denoising_loss_cls,
+                    time_input=time_input, noises=noises, output=output, target=model_target,
+                    cls_output=cls_output, cls_target=cls_target)
+
+    def __call__(self, model, images, model_kwargs=None, zs=None, cls_token=None,
+                 time_input=None, noises=None, noises_cls=None) -> LossTerms:
+        """The release's call: (denoising_loss, proj_loss, time_input, noises, denoising_loss_cls)."""
+        out = self.terms(model, images, model_kwargs, zs, cls_token, time_input, noises, noises_cls)
+        return LossTerms(out["denoising_loss"], out["proj_loss"], out["time_input"], out["noises"],
+                         out["denoising_loss_cls"])
+
+
+def contrastive_flow_matching(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Contrastive flow matching's extra term (Stoica et al. 2025, as SpeedrunDiT uses it): minus the
+    mean squared distance between each prediction and the target of ANOTHER sample (the batch
+    rolled by one), pushing flows of different samples apart. Added with a small weight (0.05)."""
+    negatives = torch.roll(target, shifts=1, dims=0)
+    return -((output - negatives) ** 2).mean()
+
+
+class REGObjective:
+    """The training objective: named terms and the weights that make the total.
+
+        loss = loss_mean + proj_coeff * proj_loss + cls_coeff * loss_mean_cls  [+ cfm_coeff * cfm_loss]
+
+    Calling it returns a dict of scalar tensors: ``loss`` (to backpropagate), every raw term
+    (``loss_mean``: image v-loss, ``proj_loss``: REPA alignment, ``loss_mean_cls``: class-token
+    v-loss, ``cfm_loss`` when on) and every weighted one (``<name>_weighted``). Training logs
+    whatever names come back, so a new term is this class plus one flag.
+    (The release logged proj_loss and loss_mean_cls already weighted; here both are kept.)"""
+
+    def __init__(self, proj_coeff: float = 0.5, cls_coeff: float = 0.03, path_type: str = "linear",
+                 weighting: str = "uniform", prediction: str = "v", time_shift: float = 1.0,
+                 cfm_coeff: float = 0.0):
+        for name, value in (("proj_coeff", proj_coeff), ("cls_coeff", cls_coeff), ("cfm_coeff", cfm_coeff)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.loss = SILoss(prediction=prediction, path_type=path_type, weighting=weighting, time_shift=time_shift)
+        # name of a raw term -> its weight in the total (the image v-loss has weight 1)
+        self.weights = {"proj_loss": float(proj_coeff), "loss_mean_cls": float(cls_coeff)}
+        if cfm_coeff > 0:
+            self.weights["cfm_loss"] = float(cfm_coeff)
+
+    @property
+    def term_names(self) -> list[str]:
+        """The names a call returns, in order (stable for a given configuration)."""
+        return ["loss", "loss_mean", *self.weights, *(f"{k}_weighted" for k in self.weights)]
+
+    def __call__(self, model, x, y, zs=None, cls_token=None, **model_kwargs) -> dict[str, torch.Tensor]:
+        out = self.loss.terms(model, x, dict(y=y, **model_kwargs), zs=zs, cls_token=cls_token)
+        raw = {"loss_mean": out["denoising_loss"].mean(), "proj_loss": out["proj_loss"].mean(),
+               "loss_mean_cls": out["denoising_loss_cls"].mean()}
+        if "cfm_loss" in self.weights:
+            raw["cfm_loss"] = contrastive_flow_matching(out["output"], out["target"])
+        total = raw["loss_mean"]
+        weighted = {}
+        for name, weight in self.weights.items():
+            weighted[f"{name}_weighted"] = weight * raw[name]
+            total = total + weighted[f"{name}_weighted"]
+        return {"loss": total, **raw, **weighted}

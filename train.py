@@ -1,28 +1,40 @@
-"""Train SiT + REG (or REPA, or plain SiT) on preprocessed latents, under Accelerate.
+"""Train SiT + REG (or REPA, or plain SiT) on preprocessed latents.
 
     accelerate launch train.py --model SiT-B/2 --enc-type dinov2-vit-b --encoder-depth 4 --data-dir DATA
+    torchrun --nproc_per_node 8 train.py ...            # the same; python train.py ... for one process
 
-Rerunning the same command resumes from the newest checkpoint of the experiment (model, EMA,
-optimizer, grad scaler, step, RNG states and data position are all restored), so N steps in one go
-equal N/2 + resume + N/2 (bitwise on the CPU in float32). See README.md for recipes and flags.
+The training step is a function, ``train_step(state, micro_batches, objective, prepare)``: the
+objective (loss.REGObjective) owns the loss terms and their weights, ``TrainState`` holds what
+one step changes (model, EMA, optimizer, grad scaler, step). ``main`` parses, builds, resumes and
+loops. Rerunning the same command resumes from the newest checkpoint of the experiment (model,
+EMA, optimizer, grad scaler, step, RNG states and data position are all restored), so N steps in
+one go equal N/2 + resume + N/2 (bitwise on the CPU in float32). See README.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import datetime
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from fileio import atomic_open
-from checkpoint import checkpoint_paths, load_checkpoint, prune_checkpoints, save_checkpoint
-from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, SILoss
+import cli
+from checkpoint import CheckpointError, Checkpointer, checkpoint_paths, infer_model_config
+from fileio import atomic_open, atomic_write_bytes
+from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective
+from models.autoencoder import sample_latents
 from models.sit import SIT_CONFIGS, SiT_models
+from optim import ADAM_IMPLS, GuardedAdamW, make_optimizer, update_ema
+from runtime import DEFAULT_TIMEOUT_MIN, one_line
 
 logger = logging.getLogger("train")
 
@@ -31,29 +43,9 @@ logger = logging.getLogger("train")
 #                                   Arguments                                   #
 #################################################################################
 
-ADAM_IMPLS = ("auto", "fused", "foreach")
-
-
-def make_optimizer(params, impl: str = "auto", **adam_kwargs) -> torch.optim.AdamW:
-    """AdamW over params already on their device. 'fused' = one kernel for all parameters;
-    'foreach' = a few batched kernels (bitwise equal to the per-tensor loop); 'auto' = fused
-    where supported, else foreach."""
-    params = list(params)
-    if impl in ("auto", "fused"):
-        try:
-            return torch.optim.AdamW(params, fused=True, **adam_kwargs)
-        except (RuntimeError, ValueError, TypeError) as e:
-            if impl == "fused":
-                device = params[0].device.type if params else "?"
-                raise ValueError(f"--adam-impl fused is not available on {device} with torch {torch.__version__} "
-                                 f"({str(e).splitlines()[0]}); use --adam-impl foreach") from e
-    elif impl != "foreach":
-        raise ValueError(f"unknown AdamW implementation {impl!r}; choose one of {ADAM_IMPLS}")
-    return torch.optim.AdamW(params, foreach=True, **adam_kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train SiT with REG / REPA.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.RankZeroParser(prog="train.py", description="Train SiT with REG / REPA.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("logging and saving")
     g.add_argument("--output-dir", type=str, default="exps", help="root of all runs")
     g.add_argument("--exp-name", type=str, required=True, help="run folder: {output-dir}/{exp-name}; rerunning resumes it")
@@ -64,8 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpointing-steps", type=int, default=10000)
     g.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
     g.add_argument("--resume-step", type=int, default=None,
-                   help="resume from this step's checkpoint (default: the newest one, if any; 0: start fresh)")
+                   help="resume from this step's checkpoint (default: the newest one, if any; 0: start fresh, "
+                        "which needs --archive-old-run when the folder holds checkpoints)")
+    g.add_argument("--archive-old-run", action="store_true",
+                   help="with --resume-step 0: move the folder's checkpoints, metrics and samples into "
+                        "{exp}/archived-<date>/ before starting fresh")
+    g.add_argument("--resume-from", type=str, default=None,
+                   help="continue from this checkpoint file (ours or the REG release's): weights, EMA, optimizer "
+                        "and step; the architecture is read from it")
+    g.add_argument("--init-from", type=str, default=None,
+                   help="start a new run from these weights (ours, REG's or REPA's release): model and EMA only; "
+                        "layers the checkpoint lacks (e.g. REG's class-token layers after REPA) start fresh")
     g.add_argument("--log-every", type=int, default=100, help="log (and sync with the host) every N steps")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MIN,
+                   help="minutes ranks wait for each other at a collective before the job aborts")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2", help="SiT size/patch")
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True, help="torch SDPA attention (off: explicit softmax)")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="LayerNorm on queries and keys")
     g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
+    g.add_argument("--ops-head", type=int, default=16, help="accepted for the release's command lines; no effect")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, required=True, help="preprocessed dataset (see Data preparation)")
@@ -83,33 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cached-features", choices=["auto", "yes", "no"], default="auto",
                    help="use the dataset's cached encoder outputs instead of running the encoder")
 
-    g = p.add_argument_group("precision and speed")
-    g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=False, help="TF32 matmuls on Ampere+ GPUs")
-    g.add_argument("--mixed-precision", type=str, default="fp16", choices=["no", "fp16", "bf16"], help="autocast dtype (fp16 uses a grad scaler)")
+    g = p.add_argument_group("precision, speed and device")
+    cli.add_runtime_args(g, precision_default="fp16", tf32_default=False, train=True,
+                         seed_help="seed; process k uses seed + k for t, noise and label dropout")
     g.add_argument("--compile", action="store_true", help="torch.compile the SiT blocks and the online encoder (numbers change slightly)")
-    g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=1400, help="accepted for the release's command lines; training stops at --max-train-steps")
-    g.add_argument("--max-train-steps", type=int, default=400000, help="optimizer steps to train for (total, across resumes)")
+    g.add_argument("--max-train-steps", type=int, default=1_000_000, help="optimizer steps to train for (total, across resumes)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate (constant)")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--adam-epsilon", type=float, default=1e-08, help="AdamW epsilon")
-    g.add_argument("--adam-impl", choices=ADAM_IMPLS, default="auto",
-                   help="AdamW kernels: auto = fused where the device has them (CUDA; CPU with torch >= 2.4), "
-                        "else foreach; same update rule (fused may differ in the last bit). A resumed run "
-                        "keeps its checkpoint's choice")
+    g.add_argument("--adam-impl", choices=ADAM_IMPLS + ("auto",), default="foreach",
+                   help="AdamW kernels: foreach = bitwise the release's update; fused = one kernel (CUDA; CPU with "
+                        "torch >= 2.4), same rule up to the last bits; auto = fused where available")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per optimizer step")
-    g.add_argument("--nonfinite", choices=["stop", "skip"], default="stop",
-                   help="on a non-finite loss: stop the run (checked without a per-step host sync), "
-                        "or skip that update (one host sync per step)")
-
-    g = p.add_argument_group("seed")
-    g.add_argument("--seed", type=int, default=0, help="seed; process k uses seed + k for t, noise and label dropout")
+    g.add_argument("--nonfinite", choices=["skip", "stop"], default="skip",
+                   help="a step with a non-finite loss or gradient: skip its update (weights and optimizer state "
+                        "untouched, no host sync) or stop the run at the next log step")
+    g.add_argument("--nonfinite-patience", type=int, default=200,
+                   help="with --nonfinite skip: stop after this many consecutive skipped steps")
 
     g = p.add_argument_group("loss")
     g.add_argument("--path-type", type=str, default="linear", choices=list(PATH_TYPES), help="interpolant")
@@ -138,21 +140,139 @@ def check_args(args, parser):
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     if args.batch_size < 1 or args.gradient_accumulation_steps < 1:
         parser.error("--batch-size and --gradient-accumulation-steps must be positive")
-    if args.max_train_steps < 1:
-        parser.error("--max-train-steps must be positive")
+    if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.log_every < 1:
+        parser.error("--max-train-steps, --checkpointing-steps and --log-every must be positive")
     if args.proj_coeff < 0 or args.cls < 0:
         parser.error("--proj-coeff and --cls must be >= 0")
     if not 0 <= args.cfg_prob < 1:
         parser.error(f"--cfg-prob must be in [0, 1), got {args.cfg_prob}")
+    if args.nonfinite_patience < 1:
+        parser.error(f"--nonfinite-patience must be >= 1, got {args.nonfinite_patience}")
+    if args.dist_timeout <= 0:
+        parser.error(f"--dist-timeout must be positive (minutes), got {args.dist_timeout}")
     depth = SIT_CONFIGS[args.model][0]
     if (args.proj_coeff > 0) and not 1 <= args.encoder_depth <= depth:
         parser.error(f"--encoder-depth must be in 1..{depth} for {args.model}, got {args.encoder_depth}")
+    if args.compile and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        parser.error(f"--compile needs torch >= 2.5 (one compiled graph for all SiT blocks), found {torch.__version__}")
+    if args.resume_from and args.init_from:
+        parser.error("give --resume-from (continue a run) or --init-from (new run from its weights), not both")
+    for flag, path in (("--resume-from", args.resume_from), ("--init-from", args.init_from)):
+        if path and not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such checkpoint file")
     if not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist; prepare it with preprocessing/dataset_tools.py (see README)")
 
 
 #################################################################################
-#                              Data order and state                             #
+#                         The training step and its state                        #
+#################################################################################
+
+@dataclass
+class TrainState:
+    """What one optimizer step changes. ``forward`` is what the objective calls (the DDP wrapper
+    under several processes, else the model); ``ema`` lives on the process that saves (None on
+    the others, which never read it)."""
+    model: torch.nn.Module
+    optimizer: GuardedAdamW | torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: torch.nn.Module | None = None
+    step: int = 0
+    forward: torch.nn.Module | None = None
+    precision: str = "fp32"
+    ema_decay: float = 0.9999
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        self.forward = self.forward or self.model
+        self._params = list(self.model.parameters())
+        self._ema_params = list(self.ema.parameters()) if self.ema is not None else None
+
+    def autocast(self):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        device = self._params[0].device.type
+        return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+    def no_sync(self, sync: bool):
+        """DDP's gradient all-reduce only on the last micro-batch of an optimizer step."""
+        if sync or not hasattr(self.forward, "no_sync"):
+            return contextlib.nullcontext()
+        return self.forward.no_sync()
+
+
+def train_step(state: TrainState, micro_batches, objective: REGObjective, prepare) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation when there are several).
+
+    ``prepare(batch)`` turns a loader batch into the objective's inputs (x, y, zs, cls_token, ...).
+    Returns device tensors, never synced: every term averaged over the micro-batches, the
+    pre-clipping ``grad_norm``, and ``finite`` (False: the update was skipped)."""
+    n = len(micro_batches)
+    totals = {}
+    for i, batch in enumerate(micro_batches):
+        with torch.no_grad():
+            inputs = prepare(batch)                                            # x (N, C, h, w), y (N,), ...
+        with state.no_sync(i == n - 1), state.autocast():
+            terms = objective(state.forward, **inputs)
+        state.scaler.scale(terms["loss"] / n).backward()
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0) + value.detach().float() / n
+    state.scaler.unscale_(getattr(state.optimizer, "optimizer", state.optimizer))
+    grad_norm = torch.nn.utils.clip_grad_norm_(state._params, state.max_grad_norm)
+    # The norm of the all-reduced gradients is the same on every process, so all skip together;
+    # a non-finite loss makes it non-finite too.
+    finite = torch.isfinite(grad_norm)
+    if isinstance(state.optimizer, GuardedAdamW):
+        state.optimizer.step(finite)                                           # skipped where not finite
+    else:
+        state.scaler.step(state.optimizer)                                     # --nonfinite stop: as released
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:  # every step, as released (a skipped step leaves the weights as they were)
+        update_ema(state._ema_params, state._params, state.ema_decay)
+    state.step += 1
+    return {**totals, "grad_norm": grad_norm.detach().float(), "finite": finite}
+
+
+class Prepare:
+    """A loader batch -> the objective's inputs: latents drawn from the stored [mean, std]
+    (scale and bias from the dataset's manifest: no VAE weights needed), labels, and the
+    encoder targets, from the feature cache or from the encoders run on the images.
+    REG aligns class + patch tokens; plain REPA/SiT models align the patch tokens only."""
+
+    def __init__(self, model, device, scale: float, bias: float, encoders=(), use_features=False, autocast=None):
+        self.device, self.scale, self.bias = device, scale, bias
+        self.encoders, self.use_features = list(encoders), use_features
+        self.align, self.cls_dim = bool(model.z_dims), model.cls_token_dim
+        self.autocast = autocast or contextlib.nullcontext
+
+    def __call__(self, batch) -> dict:
+        moments = batch["moments"].to(self.device, non_blocking=True)
+        x = sample_latents(moments, self.scale, self.bias)                     # (N, C, h, w)
+        y = batch["label"].to(self.device, non_blocking=True)
+        zs = cls = None
+        if self.use_features:
+            cls_list = [c.to(self.device, non_blocking=True).float() for c in _as_list(batch["enc_cls"])]
+            tok_list = [t.to(self.device, non_blocking=True).float() for t in _as_list(batch.get("enc_tokens", []))]
+        elif self.encoders:
+            images = batch["image"].to(self.device, non_blocking=True)
+            with self.autocast():
+                outs = [enc(images) for enc in self.encoders]
+            cls_list, tok_list = [c for c, _ in outs], [t for _, t in outs]
+        else:
+            return dict(x=x, y=y)
+        if self.align:
+            zs = tok_list if self.cls_dim else [t[:, 1:] for t in tok_list]
+        if self.cls_dim:
+            cls = cls_list[0].float()
+        return dict(x=x, y=y, zs=zs, cls_token=cls)
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+#################################################################################
+#                 Data order, RNG and logs: what resume restores                 #
 #################################################################################
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -182,333 +302,497 @@ class ResumableSampler(torch.utils.data.Sampler):
         return 2 ** 62
 
 
-def rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+class DataPosition:
+    """The loader's place in the stream: micro-batches consumed = step x accumulation. The stream
+    is a function of (seed, processes, batch per process), so the position is all resume needs."""
+
+    def __init__(self, state: TrainState, accumulation: int, world: int, local_batch: int, seed: int):
+        self.state, self.accumulation, self.layout = state, accumulation, dict(world=world, local_batch=local_batch, seed=seed)
+
+    @property
+    def microbatch(self) -> int:
+        return self.state.step * self.accumulation
+
+    def state_dict(self) -> dict:
+        return {"microbatch": self.microbatch, **self.layout}
+
+    def load_state_dict(self, saved: dict | None) -> None:
+        """The step (restored with the rest) fixes the position; a changed layout gives another order."""
+        if saved and {k: saved.get(k) for k in self.layout} != self.layout:
+            logger.warning(f"the checkpoint's data layout {saved} differs from this run's {self.layout}: "
+                           "the data order after resume is a different (equally random) one")
 
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+class RNGStates:
+    """Every process's RNG states (CPU, and the current CUDA device), saved as a list by rank.
+    ``state_dict`` is a collective: every process calls it at a save."""
+
+    def __init__(self, gather, rank: int, world: int, device):
+        self.gather, self.rank, self.world, self.device = gather, rank, world, device
+
+    def _mine(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self) -> list:
+        return self.gather(self._mine())
+
+    def load_state_dict(self, states, reseed: int) -> bool:
+        """Restore this process's state; False (and a fresh seed) when the process count changed."""
+        if not states or len(states) != self.world:
+            torch.manual_seed(reseed)
+            return False
+        torch.set_rng_state(states[self.rank]["torch"])
+        if self.device.type == "cuda" and "cuda" in states[self.rank]:
+            torch.cuda.set_rng_state(states[self.rank]["cuda"], self.device)
+        return True
+
+
+class MetricsLog:
+    """Sums the step's outputs on the device and, every --log-every steps, reduces them across
+    processes (the only host sync), writes one strict-JSON line to metrics.jsonl and the trackers.
+    The grad norm is averaged over finite steps only; ``skipped_steps`` counts the others."""
+
+    def __init__(self, path: str, accelerator, batch_size: int, step: int):
+        self.path, self.acc, self.batch_size = path, accelerator, batch_size
+        self.names, self.sums, self.count, self.t0 = None, None, 0, time.time()
+        if accelerator.is_main_process:
+            truncate_metrics(path, step)
+
+    def add(self, out: dict) -> None:
+        if self.names is None:
+            self.names = [k for k in out if k not in ("grad_norm", "finite")]
+        finite = out["finite"].float()
+        norm = torch.where(out["finite"], out["grad_norm"], torch.zeros_like(out["grad_norm"]))
+        row = torch.stack([out[k] for k in self.names] + [norm, finite, 1 - finite])
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += 1
+
+    def flush(self, step: int) -> dict:
+        sums = self.acc.reduce(self.sums, reduction="mean").tolist()           # host sync
+        steps, elapsed = self.count, time.time() - self.t0
+        logs = {k: v / steps for k, v in zip(self.names, sums)}
+        finite_steps = sums[-2]
+        logs["grad_norm"] = sums[-3] / finite_steps if finite_steps > 0 else None
+        logs["skipped_steps"] = int(round(sums[-1]))
+        logs["steps_per_sec"] = steps / elapsed
+        logs["images_per_sec"] = steps * self.batch_size / elapsed
+        logs = {k: (v if v is None or math.isfinite(v) else None) for k, v in logs.items()}
+        self.acc.log({k: v for k, v in logs.items() if v is not None}, step=step)
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **logs}, allow_nan=False) + "\n")
+        self.sums, self.count, self.t0 = None, 0, time.time()
+        return logs
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop metrics.jsonl lines past ``step`` (left by a run that went on after its last checkpoint),
+    so a resumed curve never loops back."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, "".join(keep).encode())
 
 
 #################################################################################
-#                                   Training                                    #
+#                                  Building a run                               #
 #################################################################################
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(args, parser)
+WEIGHT_FREE_CONFIG = ("fused_attn",)  # model settings that change no weight: free to toggle on resume
 
-    # Heavy imports after the argument checks, so a bad flag fails in a blink.
+
+def build(args, parser):
+    """Everything a run needs, as a namespace; errors are one line through parser.error."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-    from tqdm.auto import tqdm
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     from dataset import REGDataset
-    from models.autoencoder import Autoencoder
     from models.encoders import load_encoders, parse_enc_types
     from models.sit import create_model
 
+    run = argparse.Namespace(args=args)
     needs_encoder = args.proj_coeff > 0 or args.cls > 0
     try:
-        enc_types = parse_enc_types(args.enc_type) if needs_encoder else []
-        dataset = REGDataset(args.data_dir, use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features],
-                             enc_types=enc_types)
+        run.enc_types = parse_enc_types(args.enc_type) if needs_encoder else []
+        run.dataset = dataset = REGDataset(args.data_dir, enc_types=run.enc_types,
+                                           use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if dataset.resolution != args.resolution:
         parser.error(f"--resolution {args.resolution} does not match the data in {args.data_dir} ({dataset.resolution})")
-    num_classes = args.num_classes or dataset.num_classes
 
-    exp_dir = os.path.join(args.output_dir, args.exp_name)
-    ckpt_dir = os.path.join(exp_dir, "checkpoints")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+    # Processes: one data-parallel job on whatever device exists (gloo when there is no GPU), never
+    # independent copies; a generous collective timeout, so a slow checkpoint write cannot abort it.
+    world_env = int(os.environ.get("WORLD_SIZE", 1))
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    if args.device and args.device.startswith("cuda:"):
+        if world_env > 1:
+            parser.error(f"--device {args.device} under a launcher with {world_env} processes would put every rank "
+                         "on one GPU; use --device cuda (each rank takes cuda:LOCAL_RANK)")
+        os.environ["ACCELERATE_TORCH_DEVICE"] = args.device
+    run.exp_dir = os.path.join(args.output_dir, args.exp_name)
+    run.accelerator = acc = Accelerator(
+        gradient_accumulation_steps=1, mixed_precision="no", cpu=cpu,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=exp_dir, logging_dir=os.path.join(exp_dir, args.logging_dir)),
-        # Every parameter gets a gradient at every step (labels dropped via the null-class row, the
-        # projectors and class-token layers exist only when their losses are on): no unused-parameter
-        # search, and a static graph lets DDP reuse its bucket order after the first step. DDP's static
-        # graph does not support no_sync (gradient accumulation): it trips an internal assert.
+        project_config=ProjectConfiguration(project_dir=run.exp_dir, logging_dir=os.path.join(run.exp_dir, args.logging_dir)),
+        # Every parameter gets a gradient at every step: no unused-parameter search, and a static
+        # graph lets DDP reuse its bucket order (it does not support no_sync, i.e. accumulation).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
-                                                       static_graph=args.gradient_accumulation_steps == 1)],
-        cpu=args.cpu,
+                                                       static_graph=args.gradient_accumulation_steps == 1),
+                         InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
     )
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    local_batch, rem = divmod(args.batch_size, world * args.gradient_accumulation_steps)
-    if rem or local_batch == 0:
+    if acc.num_processes != world_env:
+        parser.error(f"the launcher started {world_env} processes but only {acc.num_processes} joined the job; "
+                     "check the launcher's settings (--cpu / --device)")
+    run.device, run.world, run.rank = acc.device, acc.num_processes, acc.process_index
+    run.local_batch, rem = divmod(args.batch_size, run.world * args.gradient_accumulation_steps)
+    if rem or run.local_batch == 0:
         parser.error(f"--batch-size {args.batch_size} is not divisible by processes x accumulation steps "
-                     f"({world} x {args.gradient_accumulation_steps})")
-    if accelerator.is_main_process:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        logging.basicConfig(format="[%(asctime)s] %(message)s", level=logging.INFO,
-                            handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(exp_dir, "log.txt"))])
-    if args.allow_tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # the same initial weights on every process
+                     f"({run.world} x {args.gradient_accumulation_steps})")
+    run.ckpt_dir = os.path.join(run.exp_dir, "checkpoints")
+    if acc.is_main_process:
+        try:
+            os.makedirs(run.ckpt_dir, exist_ok=True)
+            probe = os.path.join(run.ckpt_dir, ".write-test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            parser.error(f"cannot write to {run.ckpt_dir} ({one_line(e)}); choose a writable --output-dir")
+        logging.basicConfig(format="[%(asctime)s] %(message)s", level=logging.INFO, force=True,
+                            handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(run.exp_dir, "log.txt"))])
+    cli.set_tf32(args.tf32 and run.device.type == "cuda")
+    run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info)
 
-    # ---- encoders, latent codec, model ----------------------------------------------------
-    use_features = needs_encoder and dataset.feature_kind != "none"
-    if use_features and args.proj_coeff > 0 and dataset.feature_kind != "full":
+    # Encoders (only when the cache cannot stand in for them), then the model: its architecture
+    # comes from --resume-from's checkpoint when given, else from the flags.
+    run.use_features = needs_encoder and dataset.feature_kind != "none"
+    if run.use_features and args.proj_coeff > 0 and dataset.feature_kind != "full":
         parser.error("the dataset's feature cache holds class tokens only, but --proj-coeff > 0 needs the patch tokens; "
                      "use --cached-features no or cache full features")
-    encoders = [] if (not needs_encoder or use_features) else load_encoders(enc_types, args.resolution, device)
-    z_dims = [dataset.encoder_widths[e] for e in enc_types] if use_features else [e.embed_dim for e in encoders]
-    codec = Autoencoder.from_spec(args.vae or dataset.autoencoder_spec, device=device)
-    latent_channels, latent_size = dataset.latent_shape[0] // 2, dataset.latent_shape[-1]
-
-    model = create_model(
-        args.model, input_size=latent_size, in_channels=latent_channels, num_classes=num_classes,
-        class_dropout_prob=args.cfg_prob, z_dims=z_dims if args.proj_coeff > 0 else [],
-        projector_dim=args.projector_dim, encoder_depth=args.encoder_depth,
-        cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn,
-    )
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # an exact copy
-    model.to(device)
-    ema.to(device)
     try:
-        optimizer = make_optimizer(model.parameters(), args.adam_impl, lr=args.learning_rate,
-                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                   eps=args.adam_epsilon)
+        with acc.local_main_process_first():  # a download (torch.hub) once per node, then the others read it
+            encoders = [] if (not needs_encoder or run.use_features) else load_encoders(run.enc_types, args.resolution, run.device)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    z_dims = [dataset.encoder_widths[e] for e in run.enc_types] if run.use_features else [e.embed_dim for e in encoders]
+    latent_channels, latent_size = dataset.latent_shape[0] // 2, dataset.latent_shape[-1]
+    config = dict(input_size=latent_size, in_channels=latent_channels, num_classes=args.num_classes or dataset.num_classes,
+                  class_dropout_prob=args.cfg_prob, z_dims=z_dims if args.proj_coeff > 0 else [],
+                  projector_dim=args.projector_dim, encoder_depth=args.encoder_depth,
+                  cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn)
+    run.resume_ckpt = None
+    if args.resume_from:
+        run.resume_ckpt = read_checkpoint(args.resume_from, parser)
+        config = checkpoint_config(run.resume_ckpt, fused_attn=args.fused_attn)
+        check_data_fits(config, z_dims, latent_channels, latent_size, args.resume_from, parser)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    try:
+        model = create_model(args.model, **config) if not args.resume_from else _sit(config)
     except ValueError as e:
         parser.error(str(e))
-
-    # ---- resume ---------------------------------------------------------------------------
-    step = 0
-    saved = dict(checkpoint_paths(ckpt_dir))
-    resume_from = None
-    if args.resume_step is None and saved:
-        resume_from = saved[max(saved)]
-    elif args.resume_step:
-        if args.resume_step not in saved:
-            parser.error(f"no checkpoint for step {args.resume_step} in {ckpt_dir} (have: {sorted(saved) or 'none'})")
-        resume_from = saved[args.resume_step]
-    ckpt = None
-    if resume_from:
-        ckpt = load_checkpoint(resume_from)
-        if ckpt.get("model_config") != model.config:
-            parser.error(f"{resume_from} was trained with a different model configuration; use another --exp-name")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["opt"])
-        step = int(ckpt["steps"])
-        if accelerator.is_main_process:
-            logger.info(f"resumed from {resume_from} (step {step})")
-
+    if args.init_from:
+        init_weights_from(model, read_checkpoint(args.init_from, parser), args.init_from)
+    run.model_name = args.model if not args.resume_from else (run.resume_ckpt.get("model_name") or args.model)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if acc.is_main_process else None  # an exact copy
+    model.to(run.device)
+    if ema is not None:
+        ema.to(run.device)
+    try:
+        optimizer = make_optimizer(model.parameters(), args.adam_impl, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.nonfinite == "skip":
+        optimizer = GuardedAdamW(optimizer)
     if args.compile:
         # Before DDP wraps the model; in place, so state-dict keys (and checkpoints) are unchanged.
         model.compile_blocks()
         for enc in encoders:
             enc.compile()
-    model_ddp, optimizer = accelerator.prepare(model, optimizer)
-    torch.manual_seed(args.seed + rank)  # the release's per-process seed for t, noise and label dropout
-    if ckpt is not None:
-        if ckpt.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(ckpt["scaler"])
-        states = ckpt.get("rng") or []
-        if len(states) == world:
-            set_rng_state(states[rank], device)
-        else:
-            torch.manual_seed(args.seed + rank + step)
-            if accelerator.is_main_process:
-                logger.warning(f"checkpoint was written by {len(states)} processes, now {world}: RNG reseeded")
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch,
-        sampler=ResumableSampler(len(dataset), local_batch, rank, world, args.seed,
-                                 start_microbatch=step * args.gradient_accumulation_steps),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),  # keeps iter() off the global RNG (exact resume)
-    )
-    loss_fn = SILoss(prediction=args.prediction, path_type=args.path_type, weighting=args.weighting)
-
-    if accelerator.is_main_process:
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info(f"{args.model}: {n_params / 1e6:.2f}M parameters; class token: {model.cls_token_dim or 'off'}; "
-                    f"projectors: {model.z_dims or 'off'}; encoders: {enc_types or 'none'} "
-                    f"({'cached features' if use_features else 'online'}); {world} process(es), {local_batch} per micro-batch")
-        accelerator.init_trackers("REG", config={k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))})
-        with open(os.path.join(exp_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-
-    # Fixed noise and labels for the EMA sample grids (the same at every grid and after resume).
-    g = torch.Generator().manual_seed(args.seed)
-    grid_n = args.num_sample_images
-    grid_inputs = dict(
-        latents=torch.randn(grid_n, latent_channels, latent_size, latent_size, generator=g),
-        y=torch.randint(0, num_classes, (grid_n,), generator=g),
-        cls_latents=torch.randn(grid_n, model.cls_token_dim, generator=g) if model.cls_token_dim else None,
-    )
-
-    def save(step):
-        states = gather_objects(accelerator, rng_state(device))
-        # DDP keeps replicas identical; verify it (cheaply) before writing rank 0's copy.
-        sums = gather_objects(accelerator, float(sum(p.detach().double().sum() for p in model.parameters())))
-        if len(set(sums)) != 1:
-            raise RuntimeError(f"model replicas diverged across processes at step {step}: checksums {sums}")
-        if accelerator.is_main_process:
-            obj = dict(
-                model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), steps=step,
-                args=vars(args), model_name=args.model, model_config=model.config,
-                autoencoder=codec.spec, enc_types=enc_types,
-                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None, rng=states,
-            )
-            path = os.path.join(ckpt_dir, f"{step:07d}.pt")
-            save_checkpoint(obj, path)
-            prune_checkpoints(ckpt_dir, args.keep_last)
-            logger.info(f"saved checkpoint {path}" + (f" ({world} replicas in sync)" if world > 1 else ""))
-        accelerator.wait_for_everyone()
-
-    # ---- loop -----------------------------------------------------------------------------
-    ema_params = list(ema.parameters())
-    model_params = list(model.parameters())
-    sums = torch.zeros(7, device=device)  # loss, denoise, proj, cls, proj_w, cls_w, grad_norm
-    bad_flag = torch.zeros((), device=device, dtype=torch.bool)
-    progress = tqdm(total=args.max_train_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
-                    dynamic_ncols=True)
-    t_log, steps_logged, skipped = time.time(), 0, 0
-    if step >= args.max_train_steps and accelerator.is_main_process:
-        logger.info(f"already at step {step} >= --max-train-steps {args.max_train_steps}; nothing to do")
-    data_iter = iter(loader)
-    model_ddp.train()
-    while step < args.max_train_steps:
-        batch = next(data_iter)
-        with accelerator.accumulate(model_ddp):
-            labels = batch["label"].to(device, non_blocking=True)
-            moments = batch["moments"].to(device, non_blocking=True)
-            with torch.no_grad():
-                x = codec.sample(moments)                                  # (N, C, h, w) scaled latents
-                zs, cls_token = encoder_targets(batch, encoders, use_features, model, accelerator, device)
-            with accelerator.autocast():
-                terms = loss_fn(model_ddp, x, dict(y=labels), zs=zs, cls_token=cls_token)
-                loss_mean = terms.denoising_loss.mean()
-                proj_mean = terms.proj_loss.mean()
-                cls_mean = terms.denoising_loss_cls.mean()
-                loss = loss_mean + args.proj_coeff * proj_mean + args.cls * cls_mean
-            bad_flag |= ~torch.isfinite(loss.detach())
-            accelerator.backward(loss)
-            grad_norm, skip = None, False
-            if accelerator.sync_gradients:
-                if args.nonfinite == "skip":  # decided jointly, so every process skips the same update
-                    skip = accelerator.reduce(bad_flag.float(), reduction="sum").item() > 0
-                    bad_flag.zero_()
-                if skip:
-                    skipped += 1
-                    if accelerator.is_main_process:
-                        logger.warning(f"non-finite loss at step {step + 1}: update skipped ({skipped} so far)")
-                else:
-                    grad_norm = accelerator.clip_grad_norm_(model_ddp.parameters(), args.max_grad_norm)
-            if not skip:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        sums[:6] += torch.stack([loss.detach(), loss_mean.detach(), proj_mean.detach(), cls_mean.detach(),
-                                 args.proj_coeff * proj_mean.detach(), args.cls * cls_mean.detach()]).float() / args.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
-            continue
-
-        # one optimizer step done
-        step += 1
-        if skip:
-            sums.nan_to_num_(0.0, 0.0, 0.0)  # keep the window's log finite
-        else:
-            update_ema(ema_params, model_params, args.ema_decay)
-            sums[6] += grad_norm.detach().float() if torch.is_tensor(grad_norm) else float(grad_norm)
-        steps_logged += 1
-        progress.update(1)
-
-        is_ckpt_step = step % args.checkpointing_steps == 0 or step == args.max_train_steps
-        if step % args.log_every == 0 or is_ckpt_step:
-            stats = accelerator.reduce(sums, reduction="mean").tolist()  # the only host syncs
-            if accelerator.reduce(bad_flag.float(), reduction="sum").item() > 0:
-                raise FloatingPointError(f"non-finite loss between steps {step - steps_logged + 1} and {step}; "
-                                         f"the last good checkpoint is in {ckpt_dir} (try --mixed-precision bf16 or a lower lr)")
-            elapsed = time.time() - t_log
-            logs = dict(zip(["loss", "loss_mean", "proj_loss", "loss_mean_cls", "proj_loss_weighted",
-                             "loss_mean_cls_weighted", "grad_norm"], [s / steps_logged for s in stats]))
-            logs["steps_per_sec"] = steps_logged / elapsed
-            logs["images_per_sec"] = steps_logged * args.batch_size / elapsed
-            accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_sec']:.1f}")
-            if accelerator.is_main_process:
-                with open(os.path.join(exp_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-            sums.zero_()
-            t_log, steps_logged = time.time(), 0
-
-        if is_ckpt_step:
-            save(step)
-        if args.sampling_steps > 0 and (step % args.sampling_steps == 0 or step == args.max_train_steps):
-            if accelerator.is_main_process:
-                sample_grid(ema, codec, grid_inputs, args, step, exp_dir, accelerator, device)
-            accelerator.wait_for_everyone()
-
-    progress.close()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        logger.info(f"done: {step} steps; checkpoints in {ckpt_dir}")
+    run.state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
+                           scaler=torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16"),
+                           forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm)
+    run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
+                                 weighting=args.weighting, prediction=args.prediction)
+    run.prepare = Prepare(model, run.device, dataset.latent_scale, dataset.latent_bias, encoders, run.use_features,
+                          autocast=run.state.autocast)
+    run.rng = RNGStates(lambda obj: gather_objects(acc, obj), run.rank, run.world, run.device)
+    run.data_position = DataPosition(run.state, args.gradient_accumulation_steps, run.world, run.local_batch, args.seed)
+    return run
 
 
-def encoder_targets(batch, encoders, use_features, model, accelerator, device):
-    """(alignment targets per encoder, clean class token) from the cache or the online encoders.
-    REG aligns class + patch tokens; plain REPA/SiT models align the patch tokens only."""
-    if use_features:
-        cls_list = [c.to(device, non_blocking=True).float() for c in _as_list(batch["enc_cls"])]
-        tok_list = [t.to(device, non_blocking=True).float() for t in _as_list(batch.get("enc_tokens", []))]
-    elif encoders:
-        images = batch["image"].to(device, non_blocking=True)
-        cls_list, tok_list = [], []
-        with accelerator.autocast():
-            for enc in encoders:
-                cls, tokens = enc(images)
-                cls_list.append(cls)
-                tok_list.append(tokens)
-    else:
-        return None, None
-    zs = None
-    if model.z_dims:
-        zs = tok_list if model.cls_token_dim else [t[:, 1:] for t in tok_list]
-    cls_token = cls_list[0].float() if model.cls_token_dim else None
-    return zs, cls_token
+def _sit(config):
+    from models.sit import SiT
+    return SiT(**config)
 
 
-def _as_list(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-@torch.no_grad()
-def update_ema(ema_params, model_params, decay):
-    """ema = decay * ema + (1 - decay) * param over all parameters in two fused calls (the
-    release's per-parameter mul_/add_, same arithmetic)."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, [p.detach() for p in model_params], alpha=1 - decay)
-
-
-def gather_objects(accelerator, obj):
-    if accelerator.num_processes == 1:
+def gather_objects(acc, obj) -> list:
+    if acc.num_processes == 1:
         return [obj]
-    out = [None] * accelerator.num_processes
+    out = [None] * acc.num_processes
     torch.distributed.all_gather_object(out, obj)
     return out
 
 
+def read_checkpoint(path: str, parser) -> dict:
+    from checkpoint import load_checkpoint
+    try:
+        return load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        parser.error(one_line(e))
+
+
+def checkpoint_config(ckpt: dict, **overrides) -> dict:
+    """The SiT constructor arguments a checkpoint describes (ours store them; the release's are
+    read off the state_dict's shapes)."""
+    weights = ckpt.get("model") or ckpt["ema"]
+    config = dict(ckpt.get("model_config") or infer_model_config(weights, ckpt.get("args")))
+    config.update(overrides)
+    return config
+
+
+def check_data_fits(config, z_dims, channels, size, path, parser):
+    problems = []
+    if (config["in_channels"], config["input_size"]) != (channels, size):
+        problems.append(f"it denoises {config['in_channels']} x {config['input_size']}^2 latents, the data has "
+                        f"{channels} x {size}^2")
+    if config["cls_token_dim"] and z_dims and config["cls_token_dim"] != z_dims[0]:
+        problems.append(f"its class token has width {config['cls_token_dim']}, the encoder gives {z_dims[0]}")
+    if problems:
+        parser.error(f"{path} does not fit this dataset: " + "; ".join(problems))
+
+
+def init_weights_from(model, ckpt: dict, path: str) -> None:
+    """Copy every tensor of the checkpoint's EMA (else raw) weights whose name and shape match;
+    what the checkpoint lacks keeps its fresh initialisation (e.g. REG's class-token layers when
+    starting from REPA). The fixed position table is never copied (REPA's has no class row)."""
+    source = {k.removeprefix("module."): v for k, v in (ckpt.get("ema") or ckpt["model"]).items()}
+    own = model.state_dict()
+    loaded = {k: v for k, v in source.items() if k in own and k != "pos_embed" and own[k].shape == v.shape}
+    model.load_state_dict(loaded, strict=False)
+    fresh = sorted(k for k in own if k not in loaded and k != "pos_embed")
+    skipped = sorted(k for k in source if k not in loaded and k != "pos_embed")
+    logger.info(f"initialised {len(loaded)} tensors from {path}; fresh: {', '.join(fresh) or 'none'}"
+                + (f"; not used: {', '.join(skipped)}" if skipped else ""))
+
+
+#################################################################################
+#                                     Resume                                    #
+#################################################################################
+
+def resume(run, parser) -> None:
+    """Rank 0 chooses the checkpoint (the newest readable one, --resume-step's, or --resume-from)
+    and broadcasts it; every process restores it and confirms it holds that step."""
+    args, acc, state = run.args, run.accelerator, run.state
+    choice, error = None, None
+    if acc.is_main_process:
+        try:
+            choice = choose_checkpoint(run, args)
+        except (OSError, ValueError) as e:
+            error = one_line(e)
+    choice, error = broadcast_object(acc, (choice, error))
+    if error:
+        parser.error(error)
+    if acc.is_main_process:
+        run.checkpointer.remove_stale_temp_files()
+    if choice is None:
+        return
+    path, step = choice
+    try:
+        from_flag = args.resume_from and path == os.path.abspath(args.resume_from)
+        ckpt = run.resume_ckpt if from_flag else load_checkpoint_or_raise(path)
+        restore(run, ckpt, path)
+        problem = None if state.step == step else f"holds step {state.step}, not {step}"
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        problem = one_line(e)
+    problems = gather_objects(acc, problem)
+    bad = [(r, p) for r, p in enumerate(problems) if p]
+    if bad:
+        parser.error(f"process {bad[0][0]} cannot resume from {path}: {bad[0][1]} (every process must read the "
+                     "same checkpoint: check that the run folder is on storage all nodes share)")
+    if acc.is_main_process:
+        logger.info(f"resumed from {path} (step {step})")
+
+
+def choose_checkpoint(run, args):
+    """(path, step) or None for a fresh start; refuses to mix a fresh start into an old run."""
+    saved = run.checkpointer.paths()
+    if args.resume_from and not saved:
+        return os.path.abspath(args.resume_from), int(run.resume_ckpt.get("steps", 0))
+    if args.resume_from:
+        logger.info(f"{run.ckpt_dir} already holds checkpoints: resuming from them (--resume-from only starts a run)")
+    if args.resume_step == 0:
+        if saved and not args.archive_old_run:
+            raise ValueError(f"{run.ckpt_dir} holds checkpoints up to step {saved[-1][0]}; --resume-step 0 would mix "
+                             "a fresh run into them: add --archive-old-run to move them aside, or use another --exp-name")
+        if saved:
+            archive_old_run(run)
+        return None
+    path, ckpt = run.checkpointer.choose(args.resume_step, log=logger.warning)
+    return None if path is None else (path, int(ckpt["steps"]))
+
+
+def archive_old_run(run) -> None:
+    folder = os.path.join(run.exp_dir, time.strftime("archived-%Y%m%d-%H%M%S"))
+    os.makedirs(folder)
+    for name in ("checkpoints", "metrics.jsonl", "samples", run.args.logging_dir, "args.json"):
+        src = os.path.join(run.exp_dir, name)
+        if os.path.exists(src):
+            shutil.move(src, os.path.join(folder, name))
+    os.makedirs(run.ckpt_dir, exist_ok=True)
+    logger.info(f"moved the previous run's checkpoints, metrics and samples to {folder}")
+
+
+def load_checkpoint_or_raise(path):
+    from checkpoint import load_checkpoint
+    return load_checkpoint(path)
+
+
+def restore(run, ckpt: dict, path: str) -> None:
+    """Load a checkpoint into the run's state. A REG release checkpoint has no RNG or data
+    position: the run goes on with fresh ones (said once)."""
+    args, state = run.args, run.state
+    stored = ckpt.get("model_config")
+    if stored is not None and not args.resume_from:
+        ours = state.model.config
+        diff = sorted(k for k in set(stored) | set(ours)
+                      if k not in WEIGHT_FREE_CONFIG and stored.get(k) != ours.get(k))
+        if diff:
+            raise ValueError(f"{path} was trained with a different model configuration "
+                             f"({', '.join(f'{k}: {stored.get(k)} -> {ours.get(k)}' for k in diff)}); "
+                             "use another --exp-name")
+    weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state.model.load_state_dict(weights)
+    if state.ema is not None:
+        state.ema.load_state_dict({k.removeprefix("module."): v for k, v in (ckpt.get("ema") or weights).items()})
+    load_optimizer_state(state.optimizer, ckpt["opt"])
+    apply_optimizer_flags(state.optimizer, args)
+    if ckpt.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = int(ckpt["steps"])
+    run.data_position.load_state_dict(ckpt.get("data"))
+    restored_rng = run.rng.load_state_dict(ckpt.get("rng"), reseed=args.seed + run.rank + state.step)
+    if not restored_rng and run.accelerator.is_main_process:
+        why = "has none (a release checkpoint)" if not ckpt.get("rng") else f"was written by {len(ckpt['rng'])} processes"
+        logger.warning(f"{path} {why}: RNG states reseeded and the data order restarts at step {state.step}'s "
+                       "position of this run's order (not restorable)")
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Load AdamW state written with any kernel choice (the release's default, foreach, fused) into
+    this run's optimizer, keeping this run's kernels: flags restored, step counters moved to where
+    those kernels keep them (fused: on the parameter's device; foreach: on the CPU)."""
+    kernel_keys = ("foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad")
+    keep = [{k: g.get(k) for k in kernel_keys} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, flags in zip(inner.param_groups, keep):
+        group.update(flags)
+        for p in group["params"]:
+            st = inner.state.get(p)
+            if st and "step" in st:
+                st["step"] = st["step"].to(p.device if flags["fused"] else "cpu", torch.float32)
+
+
+def apply_optimizer_flags(optimizer, args) -> None:
+    """The flags given now win over the values stored in the checkpoint (and the change is logged),
+    so args.json, new checkpoints and the optimizer always agree."""
+    want = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                weight_decay=args.adam_weight_decay)
+    for group in optimizer.param_groups:
+        changed = {k: (group[k], v) for k, v in want.items() if tuple(_seq(group[k])) != tuple(_seq(v))}
+        if changed:
+            logger.info("optimizer settings changed on resume: "
+                        + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+        group.update(want)
+
+
+def _seq(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def broadcast_object(acc, obj):
+    if acc.num_processes == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+#################################################################################
+#                                Saving and grids                               #
+#################################################################################
+
+def save(run) -> None:
+    """Checkpoint the run: the replicas are compared first (cheaply), RNG states gathered from
+    every process, then rank 0 writes in the background while training goes on."""
+    acc, state, args = run.accelerator, run.state, run.args
+    rng = run.rng.state_dict()                                                   # collective
+    sums = gather_objects(acc, float(sum(p.detach().double().sum() for p in state.model.parameters())))
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"model replicas diverged across processes at step {state.step}: checksums {sums}")
+    if not acc.is_main_process:
+        return
+    run.checkpointer.save(state.step, dict(
+        model=state.model, ema=state.ema, opt=state.optimizer, steps=state.step, args=vars(args),
+        model_name=run.model_name, model_config=state.model.config, autoencoder=run.dataset.autoencoder_spec,
+        enc_types=run.enc_types, scaler=state.scaler if state.scaler.is_enabled() else None,
+        rng=rng, data=run.data_position))
+    logger.info(f"step {state.step}: writing a checkpoint" + (f" ({run.world} replicas in sync)" if run.world > 1 else ""))
+
+
+class SampleGrids:
+    """EMA samples from fixed noise and labels (the same at every grid and after resume), decoded
+    on the saving process. The decoder is loaded at the first grid; if it cannot be, training
+    goes on without grids (one warning naming --vae / REG_VAE_PATH)."""
+
+    def __init__(self, run):
+        model, args = run.state.model, run.args
+        g = torch.Generator().manual_seed(args.seed)
+        n, c, size = args.num_sample_images, model.in_channels, model.input_size
+        self.inputs = dict(latents=torch.randn(n, c, size, size, generator=g),
+                           y=torch.randint(0, model.num_classes, (n,), generator=g),
+                           cls_latents=torch.randn(n, model.cls_token_dim, generator=g) if model.cls_token_dim else None)
+        self.run, self.codec, self.disabled = run, None, False
+
+    def __call__(self) -> None:
+        run, args = self.run, self.run.args
+        if self.disabled or run.state.ema is None:
+            return
+        if self.codec is None:
+            from models.autoencoder import Autoencoder
+            spec = args.vae or run.dataset.autoencoder_spec
+            try:
+                self.codec = Autoencoder.from_spec(spec, device=run.device)
+            except (OSError, ValueError, ImportError, RuntimeError) as e:
+                self.disabled = True
+                logger.warning(f"no EMA sample grids: cannot load the decoder {spec!r} ({one_line(e)[:200]}); "
+                               "give --vae or set REG_VAE_PATH to a local copy (training goes on)")
+                return
+        write_grid(run, self.codec, self.inputs)
+
+
 @torch.no_grad()
-def sample_grid(ema, codec, grid_inputs, args, step, exp_dir, accelerator, device):
-    """Decode EMA samples from fixed noise and labels; save a PNG grid and log it."""
+def write_grid(run, codec, grid_inputs) -> None:
     import numpy as np
     from PIL import Image
 
     from samplers import euler_sampler
 
-    inputs = {k: (v.to(device) if v is not None else None) for k, v in grid_inputs.items()}
+    args, step, ema = run.args, run.state.step, run.state.ema
+    inputs = {k: (v.to(run.device) if v is not None else None) for k, v in grid_inputs.items()}
     cfg = args.sample_cfg_scale if args.cfg_prob > 0 else 1.0
     x = euler_sampler(ema, inputs["latents"], inputs["y"], num_steps=args.sample_num_steps, cfg_scale=cfg,
                       path_type=args.path_type, cls_latents=inputs["cls_latents"], cls_cfg_scale=cfg)
@@ -521,12 +805,10 @@ def sample_grid(ema, codec, grid_inputs, args, step, exp_dir, accelerator, devic
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    folder = os.path.join(exp_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{step:07d}.png")
+    path = os.path.join(run.exp_dir, "samples", f"{step:07d}.png")
     with atomic_open(path) as f:
         Image.fromarray(grid).save(f, format="PNG")
-    for tracker in accelerator.trackers:
+    for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("ema_samples", grid, step, dataformats="HWC")
         elif tracker.name == "wandb":
@@ -535,9 +817,102 @@ def sample_grid(ema, codec, grid_inputs, args, step, exp_dir, accelerator, devic
     logger.info(f"saved EMA samples {path}")
 
 
+def make_loader(run):
+    args = run.args
+    return torch.utils.data.DataLoader(
+        run.dataset, batch_size=run.local_batch,
+        sampler=ResumableSampler(len(run.dataset), run.local_batch, run.rank, run.world, args.seed,
+                                 start_microbatch=run.data_position.microbatch),
+        num_workers=args.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps iter() off the global RNG (exact resume)
+    )
+
+
+def start_logging(run) -> None:
+    args, acc, model = run.args, run.accelerator, run.state.model
+    if not acc.is_main_process:
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"{run.model_name}: {n_params / 1e6:.2f}M parameters; class token: {model.cls_token_dim or 'off'}; "
+                f"projectors: {model.z_dims or 'off'}; encoders: {run.enc_types or 'none'} "
+                f"({'cached features' if run.use_features else 'online'}); {run.world} process(es), "
+                f"{run.local_batch} per micro-batch")
+    config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+    kwargs = {"tensorboard": {"purge_step": run.state.step}} if args.report_to == "tensorboard" else {}
+    acc.init_trackers("REG", config=config, init_kwargs=kwargs)
+    with atomic_open(os.path.join(run.exp_dir, "args.json")) as f:
+        f.write(json.dumps(vars(args), indent=2).encode())
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    from tqdm.auto import tqdm
+
+    run = build(args, parser)
+    resume(run, parser)
+    state, acc = run.state, run.accelerator
+    if state.step == 0:
+        torch.manual_seed(args.seed + run.rank)  # the release's per-process seed for t, noise and label dropout
+    start_logging(run)
+    log = MetricsLog(os.path.join(run.exp_dir, "metrics.jsonl"), acc, args.batch_size, state.step)
+    grids = SampleGrids(run)
+    data = iter(make_loader(run))
+    progress = tqdm(total=args.max_train_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                    disable=not acc.is_main_process)
+    if state.step >= args.max_train_steps and acc.is_main_process:
+        logger.info(f"already at step {state.step} >= --max-train-steps {args.max_train_steps}; nothing to do")
+    state.forward.train()
+    try:
+        while state.step < args.max_train_steps:
+            batches = [next(data) for _ in range(args.gradient_accumulation_steps)]
+            log.add(train_step(state, batches, run.objective, run.prepare))
+            progress.update(1)
+            check_nonfinite(run)
+            step, last = state.step, state.step == args.max_train_steps
+            if step % args.log_every == 0 or step % args.checkpointing_steps == 0 or last:
+                logs = log.flush(step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}" if logs["loss"] is not None else "nan",
+                                     img_s=f"{logs['images_per_sec']:.1f}")
+                check_nonfinite(run, logs)
+            if step % args.checkpointing_steps == 0 or last:
+                save(run)
+            if args.sampling_steps > 0 and (step % args.sampling_steps == 0 or last):
+                grids()
+    finally:
+        progress.close()
+        if acc.is_main_process:
+            run.checkpointer.wait()
+    acc.end_training()
+    if acc.is_main_process:
+        logger.info(f"done: {state.step} steps; checkpoints in {run.ckpt_dir}")
+
+
+def check_nonfinite(run, logs: dict | None = None) -> None:
+    """--nonfinite skip: stop after --nonfinite-patience consecutive skipped steps (known on the host
+    one step late, for free). --nonfinite stop: stop at the first log step whose window had one."""
+    args, opt = run.args, run.state.optimizer
+
+    def last_good():
+        saved = checkpoint_paths(run.ckpt_dir)
+        return f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was written yet"
+    if isinstance(opt, GuardedAdamW) and opt.consecutive >= args.nonfinite_patience:
+        raise FloatingPointError(f"{opt.consecutive} consecutive steps up to step {run.state.step} had a non-finite "
+                                 f"loss or gradient (updates skipped); {last_good()} (try --precision bf16 or a lower lr)")
+    if args.nonfinite == "stop" and logs is not None and logs["loss"] is None:
+        raise FloatingPointError(f"non-finite loss at or before step {run.state.step}; {last_good()} "
+                                 "(try --precision bf16 or a lower lr, or --nonfinite skip)")
+
+
 if __name__ == "__main__":
     try:
         main()
-    except FloatingPointError as e:
+    except (FloatingPointError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

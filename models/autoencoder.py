@@ -201,6 +201,15 @@ def _load_patch_pca(path: str) -> dict:
     return state
 
 
+def sample_latents(moments: torch.Tensor, scale: float, bias: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """[mean, std] (N, 2C, h, w) -> z = (mean + std * eps) * scale + bias, (N, C, h, w): the training
+    input, drawn afresh at every step as the release does. Needs only the scale, not the VAE."""
+    mean, std = moments.chunk(2, dim=1)                                  # (N, C, h, w) each
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * scale + bias
+
+
 #################################################################################
 #                                 Autoencoder                                    #
 #################################################################################
@@ -315,9 +324,7 @@ class Autoencoder:
         if moments.ndim != 4 or moments.shape[1] != 2 * self.latent_channels:
             raise ValueError(f"moments must be (N, {2 * self.latent_channels}, h, w) for "
                              f"{self.spec!r}, got {tuple(moments.shape)}")
-        mean, std = moments.chunk(2, dim=1)                              # (N, C, h, w) each
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * eps) * self.scale + self.bias
+        return sample_latents(moments, self.scale, self.bias, generator)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

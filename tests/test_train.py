@@ -129,31 +129,59 @@ def test_gradient_accumulation_counts_optimizer_steps(data_dir, tmp_path):
     assert [m["step"] for m in read_metrics(tmp_path / "acc")] == [1, 2, 3]
 
 
-def test_nonfinite_loss_stops_the_run(data_dir, tmp_path, monkeypatch):
+def _poison_steps(monkeypatch, steps):
+    """Make the objective's loss NaN at the given optimizer steps (1-based; no accumulation)."""
     import loss as loss_module
-    real = loss_module.SILoss.__call__
+    real = loss_module.REGObjective.__call__
+    calls = {"n": 0}
 
     def poisoned(self, *a, **k):
         out = real(self, *a, **k)
-        return out._replace(denoising_loss=out.denoising_loss * float("nan"))
-    monkeypatch.setattr(loss_module.SILoss, "__call__", poisoned)
+        calls["n"] += 1
+        if steps == "all" or calls["n"] in steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(loss_module.REGObjective, "__call__", poisoned)
+    return calls
+
+
+def test_nonfinite_stop_policy_stops_the_run(data_dir, tmp_path, monkeypatch):
+    _poison_steps(monkeypatch, "all")
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train.main(base_args(data_dir, tmp_path, "nan", 3))
+        train.main(base_args(data_dir, tmp_path, "nan", 3, nonfinite="stop"))
     assert checkpoint.checkpoint_paths(str(tmp_path / "nan/checkpoints")) == []  # nothing poisoned was saved
 
 
-def test_nonfinite_skip_keeps_the_weights(data_dir, tmp_path, monkeypatch):
-    import loss as loss_module
-    real = loss_module.SILoss.__call__
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_isolated_nonfinite_step_is_skipped_and_the_run_goes_on(data_dir, tmp_path, monkeypatch, precision):
+    """Default policy: the poisoned step 2 leaves weights and optimizer state exactly as step 1 left them
+    (checkpoints every step), is counted in the log, and training continues to the end."""
+    _poison_steps(monkeypatch, {2})
+    train.main(base_args(data_dir, tmp_path, "skip", 4, checkpointing_steps=1, mixed_precision=precision))
+    ckpts = dict(checkpoint.checkpoint_paths(str(tmp_path / "skip/checkpoints")))
+    assert sorted(ckpts) == [1, 2, 3, 4]
+    one, two, four = (checkpoint.load_checkpoint(ckpts[k]) for k in (1, 2, 4))
+    for name in one["model"]:
+        assert torch.equal(one["model"][name], two["model"][name]), name            # untouched by step 2
+    for pid, st in one["opt"]["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[key], two["opt"]["state"][pid][key]), (pid, key)
+    assert any(not torch.equal(two["model"][k], four["model"][k]) for k in two["model"])  # steps 3-4 trained
+    assert all(torch.isfinite(v).all() for v in four["model"].values())
+    assert {float(st["step"]) for st in four["opt"]["state"].values()} == {3.0}          # 3 real updates
+    logs = read_metrics(tmp_path / "skip")
+    assert [m["skipped_steps"] for m in logs] == [0, 1, 0, 0]
+    assert logs[1]["grad_norm"] is None and logs[1]["loss"] is None                     # strict JSON: null
+    assert all(m["grad_norm"] is not None for i, m in enumerate(logs) if i != 1)
 
-    def poisoned(self, *a, **k):
-        out = real(self, *a, **k)
-        return out._replace(denoising_loss=out.denoising_loss * float("nan"))
-    monkeypatch.setattr(loss_module.SILoss, "__call__", poisoned)
-    train.main(base_args(data_dir, tmp_path, "skip", 3, nonfinite="skip"))
-    ckpt = checkpoint.load_checkpoint(str(tmp_path / "skip/checkpoints/0000003.pt"))
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert all(torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])  # no update happened
+
+def test_persistent_nonfinite_steps_stop_after_the_patience(data_dir, tmp_path, monkeypatch):
+    _poison_steps(monkeypatch, "all")
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        train.main(base_args(data_dir, tmp_path, "dead", 10, checkpointing_steps=1, nonfinite_patience=3))
+    for _, path in checkpoint.checkpoint_paths(str(tmp_path / "dead/checkpoints")):
+        ckpt = checkpoint.load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def _free_port():
@@ -221,7 +249,7 @@ def test_data_dir_without_the_expected_layout(tmp_path, capsys):
 
 
 def test_make_optimizer_kernels_keep_the_adamw_update():
-    from train import make_optimizer
+    from optim import make_optimizer
     torch.manual_seed(0)
     proto = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)

@@ -1,0 +1,178 @@
+"""AdamW, its non-finite guard, and the EMA: the optimizer side of one training step.
+
+The release trains with torch's default AdamW (foreach kernels on CUDA) and, under fp16, lets
+the grad scaler skip an overflowing step. ``GuardedAdamW`` skips a non-finite step in EVERY
+precision without a host sync: the finite flag stays on the device and selects, element by
+element, between the updated and the old parameters and moments. A finite step computes
+exactly torch's update (bitwise, tested); a skipped one leaves weights and optimizer state
+untouched. The step counter, which torch keeps on the host for the bias corrections, is
+settled one step late: the flag is copied to pinned memory without blocking and read before
+the next update, when the device has long finished computing it.
+"""
+from __future__ import annotations
+
+import torch
+
+ADAM_IMPLS = ("foreach", "fused", "auto")
+_CHUNK_ELEMENTS = 1 << 26  # temporaries of the guarded update: at most ~4 x 256 MB at a time (fp32)
+
+
+def make_optimizer(params, impl: str = "foreach", **adam_kwargs) -> torch.optim.AdamW:
+    """AdamW over params already on their device. 'foreach' = a few batched kernels, bitwise the
+    release's update (torch's default on CUDA, equal to the per-tensor loop); 'fused' = one kernel
+    for all parameters (CUDA; CPU with torch >= 2.4), the same rule up to the last bits; 'auto' =
+    fused where the device has it, else foreach."""
+    params = list(params)
+    if impl in ("fused", "auto"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **adam_kwargs)
+        except (RuntimeError, ValueError, TypeError) as e:
+            if impl == "auto":
+                return torch.optim.AdamW(params, foreach=True, **adam_kwargs)
+            device = params[0].device.type if params else "?"
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"--adam-impl fused is not available on {device} with torch {torch.__version__} "
+                             f"({first}); use --adam-impl foreach") from e
+    if impl != "foreach":
+        raise ValueError(f"unknown AdamW implementation {impl!r}; choose one of {ADAM_IMPLS}")
+    return torch.optim.AdamW(params, foreach=True, **adam_kwargs)
+
+
+@torch.no_grad()
+def update_ema(ema_params, model_params, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param over all parameters in two fused calls (the
+    release's per-parameter mul_/add_, same arithmetic)."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, [p.detach() for p in model_params], alpha=1 - decay)
+
+
+class GuardedAdamW:
+    """Steps a torch AdamW only where ``ok`` (a 0-d bool tensor on the parameters' device) holds.
+
+    ``step(ok)`` never reads ``ok`` on the host. Counters: ``skipped`` (all skipped steps) and
+    ``consecutive`` (the current run of skipped steps), exact after ``settle()``, which the
+    next ``step`` and every checkpoint call first (it waits for at most one step's flag)."""
+
+    def __init__(self, optimizer: torch.optim.AdamW):
+        group = optimizer.defaults
+        if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"):
+            raise ValueError("the non-finite guard supports plain AdamW (no amsgrad/maximize/capturable/differentiable)")
+        self.optimizer = optimizer
+        self.fused = bool(group.get("fused"))
+        self.skipped = 0
+        self.consecutive = 0
+        self._pending = None          # (host flag tensor, event or None, the step tensors advanced)
+
+    # ------------------------------------------------------------------ counters
+    def settle(self) -> None:
+        """Read the last step's flag (one step late, so this never stalls the device) and undo the
+        host step count of a skipped update."""
+        if self._pending is None:
+            return
+        flag, event, advanced = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if bool(flag.item()):
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        for step in advanced:
+            step -= 1
+
+    def _remember(self, ok: torch.Tensor, advanced) -> None:
+        if ok.device.type == "cuda":
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            flag, event = ok.detach().clone(), None
+        self._pending = (flag, event, advanced)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, ok: torch.Tensor) -> None:
+        self.settle()
+        if self.fused:
+            # torch's fused kernel skips the whole update (step count included) where found_inf != 0.
+            self.optimizer.found_inf = (~ok).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self._remember(ok, [])
+            return
+        advanced = []
+        for group in self.optimizer.param_groups:
+            advanced += self._foreach_group(group, ok)
+        self._remember(ok, advanced)
+
+    def _foreach_group(self, group: dict, ok: torch.Tensor) -> list:
+        """torch's foreach AdamW update for one param group, computed out of place in chunks and
+        written back where ok holds. Returns the host step tensors it advanced."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return []
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = []
+        for p in params:
+            state = self.optimizer.state[p]
+            if not state:  # lazy init, as torch.optim.AdamW does
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
+        steps = [s["step"] for s in states]
+        if any(s.device.type != "cpu" for s in steps):
+            raise ValueError("the non-finite guard expects AdamW's step counters on the CPU (foreach, not capturable)")
+        for s in steps:
+            s += 1
+        for lo, hi in _chunks(params):
+            p, g = params[lo:hi], [q.grad for q in params[lo:hi]]
+            m = [s["exp_avg"] for s in states[lo:hi]]
+            v = [s["exp_avg_sq"] for s in states[lo:hi]]
+            base = torch._foreach_mul(p, 1 - lr * wd) if wd != 0 else p
+            m_new = torch._foreach_lerp(m, g, 1 - beta1)
+            v_new = torch._foreach_mul(v, beta2)
+            torch._foreach_addcmul_(v_new, g, g, 1 - beta2)
+            bc1 = [1 - beta1 ** s.item() for s in steps[lo:hi]]
+            bc2 = [1 - beta2 ** s.item() for s in steps[lo:hi]]
+            step_size = [(lr / b) * -1 for b in bc1]
+            denom = torch._foreach_sqrt(v_new)
+            torch._foreach_div_(denom, [b ** 0.5 for b in bc2])
+            torch._foreach_add_(denom, eps)
+            p_new = torch._foreach_addcdiv(base, m_new, denom, step_size)
+            for olds, news in ((p, p_new), (m, m_new), (v, v_new)):
+                for old, new in zip(olds, news):
+                    torch.where(ok, new, old, out=old)
+        return steps
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        self.settle()
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = None
+        self.optimizer.load_state_dict(state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+
+def _chunks(params, limit: int = _CHUNK_ELEMENTS):
+    """[lo, hi) ranges over params of at most ``limit`` elements each (at least one tensor)."""
+    lo, size = 0, 0
+    for i, p in enumerate(params):
+        if i > lo and size + p.numel() > limit:
+            yield lo, i
+            lo, size = i, 0
+        size += p.numel()
+    if lo < len(params):
+        yield lo, len(params)
