@@ -119,7 +119,7 @@ class SILoss:
 
         Returns per-sample ``denoising_loss`` and ``denoising_loss_cls`` (N,), the scalar
         ``proj_loss``, and ``time_input``, ``noises``, ``output``, ``target``, ``cls_output``,
-        ``cls_target`` for terms built on top (contrastive flow matching)."""
+        ``cls_target``, ``zs_tilde`` (the projector outputs) for terms built on top."""
         model_kwargs = model_kwargs or {}
         n = images.shape[0]
         if time_input is None:
@@ -158,7 +158,7 @@ class SILoss:
             proj_loss = torch.zeros((), device=images.device)
         return dict(denoising_loss=denoising_loss, proj_loss=proj_loss, denoising_loss_cls=denoising_loss_cls,
                     time_input=time_input, noises=noises, output=output, target=model_target,
-                    cls_output=cls_output, cls_target=cls_target)
+                    cls_output=cls_output, cls_target=cls_target, zs_tilde=zs_tilde)
 
     def __call__(self, model, images, model_kwargs=None, zs=None, cls_token=None,
                  time_input=None, noises=None, noises_cls=None) -> LossTerms:

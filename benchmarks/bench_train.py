@@ -1,12 +1,14 @@
 """Training-step benchmark: the project's step against release-like baselines, side by side.
 
 One step = latent sampling from [mean, std] moments, alignment targets (encoder forward on the
-images, or cached features copied to the device), SILoss forward, backward, grad clipping,
+images, or cached features copied to the device), the loss forward, backward, grad clipping,
 AdamW, EMA. Variants (each with cached features and with the encoder online):
 
-  project            train.py's step: batched fp32-normalised projection loss, one fused EMA
-                     update, AdamW from train.make_optimizer (fused where the device has it)
-  project+foreach    the same with foreach AdamW (bitwise the release's default update)
+  project            train.py's own train_step (TrainState, Prepare, REGObjective) as train.py
+                     builds it by default: foreach AdamW (bitwise the release's update) under the
+                     non-finite guard, fused EMA, batched fp32-normalised projection loss
+  project+fused      the same with --adam-impl fused
+  project+stop       the same with --nonfinite stop (plain AdamW: the guard's cost)
   release-like       per-sample Python loop projection loss, per-parameter EMA loop, one
                      host sync per step for logging (.item()), as the release's train.py
   release-like+plain the same with plain (non-fused) attention
@@ -22,7 +24,6 @@ Warm-up steps are excluded; each figure is the median over --runs runs of --step
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib
 import os
@@ -38,11 +39,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import loss as loss_module  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
-from loss import SILoss  # noqa: E402
+from loss import REGObjective, SILoss  # noqa: E402
 from models.autoencoder import SD_VAE_SCALE  # noqa: E402
 from models.encoders import ENCODER_WIDTHS, Encoder, build_encoder, timm_model_name  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
-from train import encoder_targets, make_optimizer, update_ema  # noqa: E402
+from optim import GuardedAdamW, make_optimizer  # noqa: E402
+from train import Prepare, TrainState, train_step  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,27 +70,6 @@ def loop_update_ema(ema_named, model_named, decay):
     with torch.no_grad():
         for name, p in model_named.items():
             ema_named[name].mul_(decay).add_(p.data, alpha=1 - decay)
-
-
-@contextlib.contextmanager
-def swapped_projection_loss(fn):
-    """Run SILoss with another alignment loss (SILoss looks it up in the loss module)."""
-    saved = loss_module.projection_loss
-    loss_module.projection_loss = fn
-    try:
-        yield
-    finally:
-        loss_module.projection_loss = saved
-
-
-class _Amp:
-    """What train.encoder_targets needs from Accelerate: an autocast context."""
-
-    def __init__(self, device, dtype):
-        self.device, self.dtype = device, dtype
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
 
 class ReleaseREPA(torch.nn.Module):
@@ -122,7 +103,7 @@ def build_parser():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--steps-per-run", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compile happens here)")
-    p.add_argument("--variants", default="project,project+foreach,release-like,release-like+plain",
+    p.add_argument("--variants", default="project,project+fused,release-like,release-like+plain",
                    help="comma-separated subset")
     p.add_argument("--modes", default="cached,online", help="cached features, encoder online, or both")
     p.add_argument("--release-ref", default=None, metavar="DIR",
@@ -149,7 +130,7 @@ def check_args(args, p):
     if sit_tokens != enc_tokens:
         p.error(f"{args.model} has {sit_tokens} tokens at {args.resolution} px but the encoder has {enc_tokens}; "
                 "REPA alignment needs equal counts (use a /2 model)")
-    known = {"project", "project+foreach", "release-like", "release-like+plain"}
+    known = {"project", "project+fused", "project+stop", "release-like", "release-like+plain"}
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variant_list if v not in known]
     if bad or not args.variant_list:
@@ -235,64 +216,70 @@ def _status_kb(key):
 
 
 def build_variant(args, variant, mode, device, encoder_proto, release_mod):
-    """A fresh model/optimizer/EMA for one variant; returns (step function, info dict)."""
+    """A fresh model/optimizer/EMA for one variant; returns (step function, info dict).
+
+    The project's variants run train.py's own ``train_step`` with its TrainState, Prepare and
+    REGObjective, built as train.py builds them; only the release-like baselines have a loop
+    of their own (the release's, for comparison)."""
     amp_dtype = PRECISIONS[args.precision]
     release = variant.startswith("release")
     online = mode == "online"
     z = encoder_proto.embed_dim
     torch.manual_seed(0)
+    depth, width, heads, patch = SIT_CONFIGS[args.model]
     if variant == "release-ref":
-        inner = release_mod.SiT(input_size=args.resolution // 8, depth=SIT_CONFIGS[args.model][0],
-                                hidden_size=SIT_CONFIGS[args.model][1], decoder_hidden_size=SIT_CONFIGS[args.model][1],
-                                num_heads=SIT_CONFIGS[args.model][2], patch_size=SIT_CONFIGS[args.model][3],
-                                z_dims=[z], encoder_depth=paper_encoder_depth(SIT_CONFIGS[args.model][0]),
-                                projector_dim=args.projector_dim, qk_norm=False, fused_attn=True)
+        inner = release_mod.SiT(input_size=args.resolution // 8, depth=depth, hidden_size=width,
+                                decoder_hidden_size=width, num_heads=heads, patch_size=patch, z_dims=[z],
+                                encoder_depth=paper_encoder_depth(depth), projector_dim=args.projector_dim,
+                                qk_norm=False, fused_attn=True)
         inner.z_dims_ = [z]
         model = ReleaseREPA(inner)
     else:
         model = create_model(args.model, input_size=args.resolution // 8, z_dims=[z], projector_dim=args.projector_dim,
-                             encoder_depth=paper_encoder_depth(SIT_CONFIGS[args.model][0]),
-                             cls_token_dim=0 if args.repa_config else z,
+                             encoder_depth=paper_encoder_depth(depth), cls_token_dim=0 if args.repa_config else z,
                              fused_attn=not variant.endswith("+plain"))
     ema = copy.deepcopy(model)  # an exact copy, as train.py makes it
     model.to(device).train()
     ema.to(device).eval().requires_grad_(False)
     opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    if release:   # the release's AdamW: torch's default kernels
-        optimizer = torch.optim.AdamW(model.parameters(), **opt_kwargs)
-    else:
-        optimizer = make_optimizer(model.parameters(), "foreach" if variant == "project+foreach" else "auto",
-                                   **opt_kwargs)
-    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     encoders = [encoder_proto] if online else []
-    net = model
     if args.compile:
-        if release:
-            net = torch.compile(model)
-        else:
+        if not release:
             model.compile_blocks()   # in place, as train.py --compile
         if online:
             encoders = [torch.compile(encoder_proto)]
-    loss_fn = SILoss()
-    amp = _Amp(device, amp_dtype)
     host = make_batch(args, z, device, online)
-    ema_list, model_list = list(ema.parameters()), list(model.parameters())
-    ema_named, model_named = dict(ema.named_parameters()), dict(model.named_parameters())
     cls_on = bool(getattr(model, "cls_token_dim", 0))
+    info = dict(variant=variant, mode=mode, cls=cls_on, times=[], peak=None)
 
-    class _Shape:  # what encoder_targets reads off the model
-        z_dims, cls_token_dim = [z], (z if cls_on else 0)
+    if not release:
+        impl = "fused" if variant == "project+fused" else "foreach"
+        optimizer = make_optimizer(model.parameters(), impl, **opt_kwargs)
+        if variant != "project+stop":            # train.py's default --nonfinite skip
+            optimizer = GuardedAdamW(optimizer)
+        state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
+                           scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
+        objective = REGObjective()
+        prepare = Prepare(model, device, SD_VAE_SCALE, 0.0, encoders, use_features=not online, autocast=state.autocast)
+        return (lambda: train_step(state, [host], objective, prepare)), info
+
+    # The release's step: default AdamW kernels, per-sample projection loop, per-parameter EMA,
+    # and its per-step logging (.item(): one host sync per step).
+    optimizer = torch.optim.AdamW(model.parameters(), **opt_kwargs)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    net = torch.compile(model) if args.compile else model
+    loss_fn = SILoss()
+    ema_named, model_named = dict(ema.named_parameters()), dict(model.named_parameters())
+    prepare = Prepare(model, device, SD_VAE_SCALE, 0.0, encoders, use_features=not online,
+                      autocast=lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                      enabled=amp_dtype is not None))
 
     def step():
-        batch = {k: v.to(device, non_blocking=True) for k, v in host.items()}
-        labels = batch["label"]
-        with torch.no_grad():
-            mean, std = batch["moments"].chunk(2, dim=1)
-            x = (mean + std * torch.randn_like(mean)) * SD_VAE_SCALE          # (N, 4, h, w)
-            zs, cls_token = encoder_targets(batch, encoders, not online, _Shape, amp, device)
-        with amp.autocast():
-            terms = loss_fn(net, x, dict(y=labels), zs=zs, cls_token=cls_token)
-            loss = terms.denoising_loss.mean() + 0.5 * terms.proj_loss.mean() + 0.03 * terms.denoising_loss_cls.mean()
+        inputs = prepare(host)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = loss_fn.terms(net, inputs["x"], dict(y=inputs["y"]), cls_token=inputs.get("cls_token"))
+            proj = loop_projection_loss(inputs["zs"], out["zs_tilde"])
+            loss = out["denoising_loss"].mean() + 0.5 * proj + 0.03 * out["denoising_loss_cls"].mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -305,19 +292,10 @@ def build_variant(args, variant, mode, device, encoder_proto, release_mod):
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if release:
-            loop_update_ema(ema_named, model_named, 0.9999)
-            # the release logs gathered losses and the grad norm with .item() every step
-            _ = (loss.detach().item(), terms.proj_loss.detach().item(), grad_norm.item())
-        else:
-            update_ema(ema_list, model_list, 0.9999)
+        loop_update_ema(ema_named, model_named, 0.9999)
+        _ = (loss.detach().item(), proj.detach().item(), grad_norm.item())
 
-    def run():
-        ctx = swapped_projection_loss(loop_projection_loss) if release else contextlib.nullcontext()
-        with ctx:
-            step()
-
-    return run, dict(variant=variant, mode=mode, cls=cls_on, times=[], peak=None)
+    return step, info
 
 
 def time_runs(args, device, run, info, n_runs):
