@@ -45,7 +45,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             # included) do not each hold all of it in host memory.
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or not ({"model", "ema"} & ckpt.keys()):
         raise ValueError(f"{path} is not a SiT/REG/REPA training checkpoint (no 'model' or 'ema' key)")

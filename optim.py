@@ -49,16 +49,19 @@ def update_ema(ema_params, model_params, decay: float) -> None:
 class GuardedAdamW:
     """Steps a torch AdamW only where ``ok`` (a 0-d bool tensor on the parameters' device) holds.
 
-    ``step(ok)`` never reads ``ok`` on the host. Counters: ``skipped`` (all skipped steps) and
+    On an accelerator ``step(ok)`` never reads ``ok`` on the host (``masked``); on the CPU, where
+    reading it costs nothing, it simply calls torch's step or not (``masked=False``, the same
+    result without the extra passes). Counters: ``skipped`` (all skipped steps) and
     ``consecutive`` (the current run of skipped steps), exact after ``settle()``, which the
     next ``step`` and every checkpoint call first (it waits for at most one step's flag)."""
 
-    def __init__(self, optimizer: torch.optim.AdamW):
+    def __init__(self, optimizer: torch.optim.AdamW, masked: bool | None = None):
         group = optimizer.defaults
         if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"):
             raise ValueError("the non-finite guard supports plain AdamW (no amsgrad/maximize/capturable/differentiable)")
         self.optimizer = optimizer
         self.fused = bool(group.get("fused"))
+        self.masked = masked                  # None: masked on accelerators, a plain branch on the CPU
         self.skipped = 0
         self.consecutive = 0
         self._pending = None          # (host flag tensor, event or None, the step tensors advanced)
@@ -95,6 +98,12 @@ class GuardedAdamW:
     @torch.no_grad()
     def step(self, ok: torch.Tensor) -> None:
         self.settle()
+        masked = self.masked if self.masked is not None else ok.device.type != "cpu"
+        if not masked:
+            if bool(ok):
+                self.optimizer.step()
+            self._remember(ok, [])
+            return
         if self.fused:
             # torch's fused kernel skips the whole update (step count included) where found_inf != 0.
             self.optimizer.found_inf = (~ok).float()

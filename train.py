@@ -34,7 +34,7 @@ from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective
 from models.autoencoder import sample_latents
 from models.sit import SIT_CONFIGS, SiT_models
 from optim import ADAM_IMPLS, GuardedAdamW, make_optimizer, update_ema
-from runtime import DEFAULT_TIMEOUT_MIN, one_line
+from runtime import DEFAULT_TIMEOUT_MIN, launcher_env, one_line, resolve_device
 
 logger = logging.getLogger("train")
 
@@ -162,6 +162,11 @@ def check_args(args, parser):
             parser.error(f"{flag} {path}: no such checkpoint file")
     if not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist; prepare it with preprocessing/dataset_tools.py (see README)")
+    _, world, local_rank = launcher_env()
+    try:
+        resolve_device(args.device, local_rank, world)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 #################################################################################
@@ -435,16 +440,14 @@ def build(args, parser):
 
     # Processes: one data-parallel job on whatever device exists (gloo when there is no GPU), never
     # independent copies; a generous collective timeout, so a slow checkpoint write cannot abort it.
-    world_env = int(os.environ.get("WORLD_SIZE", 1))
-    cpu = args.device == "cpu" or not torch.cuda.is_available()
-    if args.device and args.device.startswith("cuda:"):
-        if world_env > 1:
-            parser.error(f"--device {args.device} under a launcher with {world_env} processes would put every rank "
-                         "on one GPU; use --device cuda (each rank takes cuda:LOCAL_RANK)")
-        os.environ["ACCELERATE_TORCH_DEVICE"] = args.device
+    _, world_env, local_rank = launcher_env()
+    device = resolve_device(args.device, local_rank, world_env)       # checked in check_args
+    pinned_device = world_env == 1 and device.type == "cuda" and args.device and ":" in args.device
+    if pinned_device:
+        os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)           # one process on the GPU asked for
     run.exp_dir = os.path.join(args.output_dir, args.exp_name)
     run.accelerator = acc = Accelerator(
-        gradient_accumulation_steps=1, mixed_precision="no", cpu=cpu,
+        gradient_accumulation_steps=1, mixed_precision="no", cpu=device.type == "cpu",
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=run.exp_dir, logging_dir=os.path.join(run.exp_dir, args.logging_dir)),
         # Every parameter gets a gradient at every step: no unused-parameter search, and a static
@@ -453,6 +456,8 @@ def build(args, parser):
                                                        static_graph=args.gradient_accumulation_steps == 1),
                          InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
     )
+    if pinned_device:
+        del os.environ["ACCELERATE_TORCH_DEVICE"]
     if acc.num_processes != world_env:
         parser.error(f"the launcher started {world_env} processes but only {acc.num_processes} joined the job; "
                      "check the launcher's settings (--cpu / --device)")
@@ -470,8 +475,7 @@ def build(args, parser):
             os.remove(probe)
         except OSError as e:
             parser.error(f"cannot write to {run.ckpt_dir} ({one_line(e)}); choose a writable --output-dir")
-        logging.basicConfig(format="[%(asctime)s] %(message)s", level=logging.INFO, force=True,
-                            handlers=[logging.StreamHandler(), logging.FileHandler(os.path.join(run.exp_dir, "log.txt"))])
+        setup_logging(os.path.join(run.exp_dir, "log.txt"))
     cli.set_tf32(args.tf32 and run.device.type == "cuda")
     run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info)
 
@@ -531,6 +535,18 @@ def build(args, parser):
     run.rng = RNGStates(lambda obj: gather_objects(acc, obj), run.rank, run.world, run.device)
     run.data_position = DataPosition(run.state, args.gradient_accumulation_steps, run.world, run.local_batch, args.seed)
     return run
+
+
+def setup_logging(path: str) -> None:
+    """The run's log to stderr and log.txt (replacing those of an earlier main() in this process)."""
+    for handler in [h for h in logger.handlers if getattr(h, "_train_log", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    for handler in (logging.StreamHandler(), logging.FileHandler(path)):
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+        handler._train_log = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _sit(config):

@@ -398,8 +398,9 @@ SIT_CONFIGS = {
     "SiT-L/2": (24, 1024, 16, 2), "SiT-L/4": (24, 1024, 16, 4), "SiT-L/8": (24, 1024, 16, 8),
     "SiT-B/2": (12, 768, 12, 2), "SiT-B/4": (12, 768, 12, 4), "SiT-B/8": (12, 768, 12, 8),
     "SiT-S/2": (12, 384, 6, 2), "SiT-S/4": (12, 384, 6, 4), "SiT-S/8": (12, 384, 6, 8),
-    # Not in the paper: a tiny size for CPU demos and tests.
+    # Not in the paper: a tiny size for the CPU demo, and a smaller one for fast tests.
     "SiT-T/2": (6, 256, 4, 2), "SiT-T/4": (6, 256, 4, 4),
+    "SiT-XS/2": (4, 64, 2, 2),
 }
 
 

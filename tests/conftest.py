@@ -83,3 +83,46 @@ def make_sit():
 def variant(request):
     """(name, overrides) for the three models of the paper's tables."""
     return request.param, {"reg": {}, "repa": dict(REPA_OVERRIDES), "sit": dict(SIT_OVERRIDES)}[request.param]
+
+
+#################################################################################
+#                 The tiny training dataset of the train and fault tests          #
+#################################################################################
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory):
+    """100 of scikit-learn's bundled digits at 32 px, made with the project's own CLIs: convert,
+    fit-pca (a 4-channel /8 linear codec: 4 x 4 x 4 latents), encode, and a full feature cache of
+    the random tiny ViT (1 + 4 tokens of width 64)."""
+    from demo.make_digits import main as make_digits
+    from preprocessing import dataset_tools
+
+    root = tmp_path_factory.mktemp("digits")
+    make_digits(["--out", str(root / "raw"), "--size", "32"])
+    data = root / "data"
+    run = dataset_tools.main
+    run(["convert", "--source", str(root / "raw"), "--dest", str(data / "images"), "--resolution", "32x32",
+         "--transform", "center-crop", "--max-images", "100", "--workers", "0"])
+    run(["fit-pca", "--source", str(data / "images"), "--dest", str(data / "pca-f8c4.pt")])
+    run(["encode", "--source", str(data / "images"), "--dest", str(data / "vae-latents"),
+         "--model-url", f"pca:{data / 'pca-f8c4.pt'}", "--workers", "0"])
+    run(["cache-features", "--source", str(data / "images"), "--enc-type", "random-vit-tiny", "--kind", "full",
+         "--workers", "0"])
+    return data
+
+
+def train_args(data_dir, out, name, steps, **extra):
+    """train.py arguments for a SiT-XS/2 REG run on the tiny dataset (0.3M parameters: fast steps and
+    small checkpoints); extra flags as keyword arguments (flag=None for a bare switch)."""
+    args = ["--data-dir", str(data_dir), "--output-dir", str(out), "--exp-name", name, "--resolution", "32",
+            "--model", "SiT-XS/2", "--enc-type", "random-vit-tiny", "--encoder-depth", "2", "--projector-dim", "64",
+            "--batch-size", "8", "--max-train-steps", str(steps), "--precision", "fp32", "--report-to", "none",
+            "--num-workers", "0", "--device", "cpu", "--learning-rate", "1e-3", "--log-every", "1",
+            "--checkpointing-steps", "3", "--sampling-steps", "0"]
+    for k, v in extra.items():
+        flag = f"--{k.replace('_', '-')}"
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+        args += [flag] + ([] if v is None else [str(v)])
+    return args

@@ -17,17 +17,19 @@ def _grads(net, x):
     net(x).pow(2).mean().backward()
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "branch"])
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_guarded_steps_equal_torch_adamw_and_skip_bad_steps_exactly(impl, weight_decay, monkeypatch):
+def test_guarded_steps_equal_torch_adamw_and_skip_bad_steps_exactly(impl, weight_decay, masked, monkeypatch):
     """Six steps, the 4th poisoned: the guarded run equals torch's AdamW run that simply leaves the
-    4th step out, bit for bit, and after the poisoned step weights and state are what they were."""
+    4th step out, bit for bit, and after the poisoned step weights and state are what they were.
+    masked: the accelerator path (no host read of the flag); branch: the CPU path."""
     import optim
     monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", 300)   # several chunks per group: chunking changes nothing
     ref, net = _net(), _net()
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
     torch_opt = make_optimizer(ref.parameters(), impl, **kw)
-    guarded = GuardedAdamW(make_optimizer(net.parameters(), impl, **kw))
+    guarded = GuardedAdamW(make_optimizer(net.parameters(), impl, **kw), masked=masked)
     g = torch.Generator().manual_seed(1)
     for i in range(6):
         x = torch.randn(4, 16, generator=g)
@@ -81,6 +83,25 @@ def test_ema_update_is_the_release_formula():
     assert torch.equal(ema[0], torch.full((3,), 2.0 * 0.75 + 4.0 * 0.25))
 
 
-def test_make_optimizer_rejects_unknown_kernels():
+def test_make_optimizer_kernels_keep_the_adamw_update():
+    torch.manual_seed(0)
+    proto = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    finals = {}
+    for impl in ("loop", "foreach", "fused", "auto"):
+        net = copy.deepcopy(proto)
+        opt = (torch.optim.AdamW(net.parameters(), foreach=False, **kw) if impl == "loop"
+               else make_optimizer(net.parameters(), impl, **kw))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            net(torch.randn(4, 16, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        finals[impl] = torch.cat([p.detach().flatten() for p in net.parameters()])
+        if impl in ("fused", "auto"):
+            assert opt.param_groups[0]["fused"]
+    assert torch.equal(finals["foreach"], finals["loop"])                       # bitwise
+    torch.testing.assert_close(finals["fused"], finals["loop"], rtol=0, atol=1e-6)
+    assert not torch.equal(finals["loop"], torch.cat([p.detach().flatten() for p in proto.parameters()]))
     with pytest.raises(ValueError, match="unknown AdamW implementation"):
-        make_optimizer(_net().parameters(), "sgd", lr=1e-3)
+        make_optimizer(proto.parameters(), "sgd", **kw)

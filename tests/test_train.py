@@ -1,6 +1,7 @@
-"""train.py end to end on a tiny dataset made here: exact resume, multi-process (gloo), ablations,
-non-finite guard, atomic checkpoints and clear errors for bad input."""
-import copy
+"""train.py end to end on the tiny digits dataset (conftest.digits_data): exact resume, several
+processes (gloo), ablations, the non-finite guard, release checkpoints, training without a decoder,
+and one clear line for bad input. The fault cases of a cluster run are in test_faults.py."""
+import argparse
 import json
 import os
 import socket
@@ -10,60 +11,33 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, train_args
 
-sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import train  # noqa: E402
-from preprocessing import dataset_tools  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """40 RGB images of 32x32 in 4 classes (class = a bright quadrant), encoded with the
-    lossless identity-f8 codec (latents 192 x 4 x 4), plus a full random-encoder feature cache."""
-    root = tmp_path_factory.mktemp("train_data")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        c = i % 4
-        img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
-        r, q = divmod(c, 2)
-        img[r * 16:(r + 1) * 16, q * 16:(q + 1) * 16] += 150
-        os.makedirs(root / "raw" / f"c{c}", exist_ok=True)
-        Image.fromarray(img).save(root / "raw" / f"c{c}" / f"{i:03d}.png")
-    data = root / "data"
-    dataset_tools.main(["convert", "--source", str(root / "raw"), "--dest", str(data / "images"),
-                        "--resolution", "32x32", "--transform", "center-crop"])
-    dataset_tools.main(["encode", "--source", str(data / "images"), "--dest", str(data / "vae-latents"),
-                        "--model-url", "identity-f8"])
-    return data
-
-
-def _reset_accelerate():
-    """Accelerate keeps process-wide singletons; reset them between in-process runs."""
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+@pytest.fixture
+def data_dir(digits_data):
+    return digits_data
 
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    _reset_accelerate()
+    """Accelerate keeps process-wide singletons; reset them around every in-process run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    reset()
     yield
-    _reset_accelerate()
+    reset()
 
 
 def base_args(data_dir, out, name, steps, **extra):
-    args = ["--data-dir", str(data_dir), "--output-dir", str(out), "--exp-name", name, "--resolution", "32",
-            "--model", "SiT-T/2", "--enc-type", "random-vit-tiny", "--encoder-depth", "2", "--projector-dim", "64",
-            "--batch-size", "8", "--max-train-steps", str(steps), "--mixed-precision", "no", "--report-to", "none",
-            "--num-workers", "0", "--cpu", "--learning-rate", "1e-3", "--log-every", "1",
-            "--checkpointing-steps", "3", "--sampling-steps", "0", "--cached-features", "no"]
-    for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}"] + ([] if v is None else [str(v)])
-    return args
+    return train_args(data_dir, out, name, steps, **{"cached_features": "no", **extra})
 
 
 def read_metrics(exp_dir):
@@ -73,9 +47,7 @@ def read_metrics(exp_dir):
 
 def test_exact_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     train.main(base_args(data_dir, tmp_path, "straight", 6))
-    _reset_accelerate()
     train.main(base_args(data_dir, tmp_path, "split", 3))
-    _reset_accelerate()
     train.main(base_args(data_dir, tmp_path, "split", 6))  # the same command again, longer: resumes at 3
     a = checkpoint.load_checkpoint(str(tmp_path / "straight/checkpoints/0000006.pt"))
     b = checkpoint.load_checkpoint(str(tmp_path / "split/checkpoints/0000006.pt"))
@@ -91,17 +63,14 @@ def test_exact_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     assert la == lb
     # a resumed checkpoint is self-describing and readable with weights_only=True
     raw = torch.load(tmp_path / "split/checkpoints/0000006.pt", weights_only=True)
-    assert raw["model_config"]["cls_token_dim"] == 64 and raw["autoencoder"] == "identity-f8"
+    assert raw["model_config"]["cls_token_dim"] == 64 and raw["autoencoder"].startswith("pca:")
+    assert raw["data"] == {"microbatch": 6, "world": 1, "local_batch": 8, "seed": 0} and len(raw["rng"]) == 1
     model = checkpoint.model_from_checkpoint(raw)
     assert model.cls_token_dim == 64
 
 
 def test_training_lowers_the_loss_and_uses_cached_features(data_dir, tmp_path):
-    dataset_tools.main(["cache-features", "--source", str(data_dir / "images"), "--enc-type", "random-vit-tiny",
-                        "--kind", "full"])
-    args = base_args(data_dir, tmp_path, "learn", 40, checkpointing_steps=40, log_every=10)
-    args[args.index("--cached-features") + 1] = "yes"
-    train.main(args)
+    train.main(base_args(data_dir, tmp_path, "learn", 40, checkpointing_steps=40, log_every=10, cached_features="yes"))
     logs = read_metrics(tmp_path / "learn")
     first, last = logs[0], logs[-1]
     assert last["loss_mean"] < 0.9 * first["loss_mean"], (first, last)
@@ -190,6 +159,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])   # DDP static graph; no_sync without it
 def test_two_processes_on_cpu_stay_in_sync(data_dir, tmp_path, accumulation):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -220,12 +190,16 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, message", [
     (("--model", "SiT-Q/2"), "invalid choice"),
-    (("--encoder-depth", "9"), "--encoder-depth must be in 1..6"),
+    (("--encoder-depth", "9"), "--encoder-depth must be in 1..4"),
     (("--resolution", "36"), "multiple of 8"),
     (("--resolution", "64"), "does not match the data"),
     (("--gradient-accumulation-steps", "3"), "not divisible by processes x accumulation"),
     (("--enc-type", "dinov3-vit-q"), "dinov3-vit-q"),
     (("--data-dir", "/nonexistent/data"), "does not exist"),
+    (("--precision", "fp8"), "expected one of fp32, fp16, bf16"),
+    (("--resume-from", "/nonexistent.pt"), "no such checkpoint file"),
+    (("--nonfinite-patience", "0"), "--nonfinite-patience must be >= 1"),
+    (("--device", "cuda:1"), "CUDA" if not torch.cuda.is_available() else "cuda"),
 ])
 def test_bad_input_is_one_clear_line(data_dir, tmp_path, capsys, change, message):
     args = base_args(data_dir, tmp_path, "bad", 2)
@@ -248,26 +222,75 @@ def test_data_dir_without_the_expected_layout(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_make_optimizer_kernels_keep_the_adamw_update():
-    from optim import make_optimizer
-    torch.manual_seed(0)
-    proto = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
-    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    finals = {}
-    for impl in ("loop", "foreach", "fused", "auto"):
-        net = copy.deepcopy(proto)
-        opt = (torch.optim.AdamW(net.parameters(), foreach=False, **kw) if impl == "loop"
-               else make_optimizer(net.parameters(), impl, **kw))
-        g = torch.Generator().manual_seed(1)
-        for _ in range(10):
-            net(torch.randn(4, 16, generator=g)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        finals[impl] = torch.cat([p.detach().flatten() for p in net.parameters()])
-        if impl in ("fused", "auto"):
-            assert opt.param_groups[0]["fused"]
-    assert torch.equal(finals["foreach"], finals["loop"])                       # bitwise
-    torch.testing.assert_close(finals["fused"], finals["loop"], rtol=0, atol=1e-6)
-    assert not torch.equal(finals["loop"], torch.cat([p.detach().flatten() for p in proto.parameters()]))
-    with pytest.raises(ValueError, match="unknown AdamW implementation"):
-        make_optimizer(proto.parameters(), "sgd", **kw)
+#################################################################################
+#                Release checkpoints and the decoder (issue: release seams)      #
+#################################################################################
+
+def _release_layout(ckpt, **release_args):
+    """Our checkpoint rewritten as the REG release saves it: {model, ema, opt, args (Namespace), steps}."""
+    args = argparse.Namespace(model="SiT-XS/2", enc_type="random-vit-tiny", encoder_depth=2, **release_args)
+    return {"model": ckpt["model"], "ema": ckpt["ema"], "opt": ckpt["opt"], "args": args, "steps": ckpt["steps"]}
+
+
+def test_a_release_checkpoint_trains_further(data_dir, tmp_path, caplog):
+    train.main(base_args(data_dir, tmp_path, "ours", 2, checkpointing_steps=2))
+    ours = checkpoint.load_checkpoint(str(tmp_path / "ours/checkpoints/0000002.pt"))
+    release = tmp_path / "release" / "checkpoints" / "0000002.pt"
+    release.parent.mkdir(parents=True)
+    torch.save(_release_layout(ours), release)
+    train.main(base_args(data_dir, tmp_path, "continued", 3, resume_from=release, model="SiT-B/2"))
+    new = checkpoint.load_checkpoint(str(tmp_path / "continued/checkpoints/0000003.pt"))
+    assert new["steps"] == 3 and new["model_config"] == ours["model_config"]      # architecture from the file
+    assert {float(st["step"]) for st in new["opt"]["state"].values()} == {3.0}   # Adam's count continued
+    assert any(not torch.equal(new["model"][k], ours["model"][k]) for k in ours["model"])
+    assert "has none (a release checkpoint): RNG states reseeded" in caplog.text
+    assert "resumed from" in caplog.text and "(step 2)" in caplog.text
+
+
+def test_init_from_a_repa_checkpoint_starts_reg_with_fresh_class_token_layers(data_dir, tmp_path):
+    from models.sit import create_model
+    torch.manual_seed(5)
+    repa = create_model("SiT-XS/2", input_size=4, num_classes=10, z_dims=[64], projector_dim=64,
+                        encoder_depth=2, cls_token_dim=0)
+    release = tmp_path / "repa.pt"
+    torch.save({"model": repa.state_dict(), "ema": repa.state_dict(), "opt": {},
+                "args": argparse.Namespace(model="SiT-XS/2"), "steps": 400000}, release)
+    fresh = create_model("SiT-XS/2", input_size=4, num_classes=10, z_dims=[64], projector_dim=64,
+                         encoder_depth=2, cls_token_dim=64)
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    train.logger.addHandler(handler)
+    try:
+        train.init_weights_from(fresh, checkpoint.load_checkpoint(str(release)), str(release))
+    finally:
+        train.logger.removeHandler(handler)
+    ref = create_model("SiT-XS/2", input_size=4, num_classes=10, z_dims=[64], projector_dim=64, encoder_depth=2,
+                       cls_token_dim=64)
+    for name, value in fresh.state_dict().items():
+        if name in repa.state_dict() and name != "pos_embed":
+            assert torch.equal(value, repa.state_dict()[name]), name
+    reg_only = {k for k in fresh.state_dict() if k not in repa.state_dict()}
+    assert reg_only == {"cls_projectors2.weight", "cls_projectors2.bias", "wg_norm.weight", "wg_norm.bias",
+                        "final_layer.linear_cls.weight", "final_layer.linear_cls.bias"}
+    assert all(n in records[0] for n in reg_only) and "fresh:" in records[0]
+    # the run itself: a REG run started from REPA weights trains
+    train.main(base_args(data_dir, tmp_path, "reg-from-repa", 1, init_from=release))
+    assert torch.isfinite(torch.stack([v.float().sum() for v in checkpoint.load_checkpoint(
+        str(tmp_path / "reg-from-repa/checkpoints/0000001.pt"))["model"].values()])).all()
+    del ref
+
+
+def test_training_needs_no_decoder_and_draws_grids_when_there_is_one(data_dir, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("REG_VAE_PATH", raising=False)
+    train.main(base_args(data_dir, tmp_path, "nodec", 2, sampling_steps=1, sample_num_steps=2,
+                         num_sample_images=4, vae="stabilityai/sd-vae-ft-ema"))
+    warnings = [r.getMessage() for r in caplog.records if "no EMA sample grids" in r.getMessage()]
+    assert len(warnings) == 1 and "--vae" in warnings[0] and "REG_VAE_PATH" in warnings[0]
+    assert [s for s, _ in checkpoint.checkpoint_paths(str(tmp_path / "nodec/checkpoints"))] == [2]
+    assert not os.path.exists(tmp_path / "nodec" / "samples")
+    # with the dataset's own (PCA) codec the grids are drawn
+    train.main(base_args(data_dir, tmp_path, "grids", 2, sampling_steps=1, sample_num_steps=2, num_sample_images=4))
+    assert sorted(os.listdir(tmp_path / "grids" / "samples")) == ["0000001.png", "0000002.png"]

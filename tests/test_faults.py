@@ -1,0 +1,296 @@
+"""Fault tolerance of training: every failure a cluster run meets gives one clear line, loses
+nothing and leaves no debris. Runnable alone: ``python -m pytest tests/test_faults.py`` (add
+``-m slow`` for the kill loops and multi-process cases, which CI runs too).
+
+The dataset is the one the issue's reproductions use (conftest.digits_data: 100 digits at 32 px,
+fit-pca, encode, a random-vit-tiny feature cache) and a SiT-XS/2 run on the CPU (SiT-T/2 behaves the same, at 20x the cost).
+"""
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from checkpoint import CheckpointError, checkpoint_paths
+from conftest import ROOT, train_args
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; reset them around every in-process run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    reset()
+    yield
+    reset()
+
+
+def steps_logged(exp):
+    with open(os.path.join(exp, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def weights(path):
+    return checkpoint.load_checkpoint(str(path))["model"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+#################################################################################
+#                         In-process cases (default suite)                      #
+#################################################################################
+
+def test_a_run_starts_by_removing_stale_temp_files_of_killed_saves(digits_data, tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".tmp-otherhost-4242-abc.pt").write_bytes(b"half a checkpoint")
+    (ckpts / "notes.txt").write_text("mine")
+    train.main(train_args(digits_data, tmp_path, "run", 1))
+    assert sorted(os.listdir(ckpts)) == ["0000001.pt", "notes.txt"]
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(digits_data, tmp_path, caplog):
+    train.main(train_args(digits_data, tmp_path, "run", 6))
+    newest = tmp_path / "run" / "checkpoints" / "0000006.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 3])
+    train.main(train_args(digits_data, tmp_path, "run", 6))
+    text = caplog.text
+    assert "0000006.pt is not a readable checkpoint" in text and "falling back" in text
+    assert "resumed from" in text and "0000003.pt (step 3)" in text
+    assert checkpoint.load_checkpoint(str(newest))["steps"] == 6                 # redone, intact
+
+
+def test_metrics_never_replay_steps_after_a_resume(digits_data, tmp_path):
+    train.main(train_args(digits_data, tmp_path, "run", 5))                     # checkpoints 3 and 5
+    os.remove(tmp_path / "run" / "checkpoints" / "0000005.pt")                   # as if killed before step 5's save
+    train.main(train_args(digits_data, tmp_path, "run", 6))
+    assert steps_logged(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
+
+
+def test_files_are_readable_by_colleagues_under_the_usual_umask(digits_data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        train.main(train_args(digits_data, tmp_path, "run", 1))
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    for path in (run / "checkpoints" / "0000001.pt", run / "metrics.jsonl", run / "args.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(digits_data, tmp_path, monkeypatch):
+    real = checkpoint.atomic_torch_save
+    calls = {"n": 0}
+
+    def fill_up(obj, path):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1234 vs 1200")
+        real(obj, path)
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", fill_up)
+    with pytest.raises(CheckpointError) as e:
+        train.main(train_args(digits_data, tmp_path, "run", 4, checkpointing_steps=1))
+    message = str(e.value)
+    assert "\n" not in message and "could not write checkpoint" in message and "0000001.pt is intact" in message
+    assert [s for s, _ in checkpoint_paths(str(tmp_path / "run" / "checkpoints"))] == [1]
+    assert checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000001.pt"))["steps"] == 1
+
+
+def test_an_unwritable_output_dir_is_one_line(digits_data, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    real_open = open
+
+    def read_only(path, *a, **k):   # root ignores chmod, so the file system's answer is simulated
+        mode = a[0] if a else k.get("mode", "r")
+        if str(path).startswith(str(locked)) and any(c in mode for c in "wax"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(digits_data, locked, "run", 1))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot write to" in err and "Permission denied" in err and "--output-dir" in err
+
+
+def test_changed_optimizer_flags_are_applied_on_resume_and_logged(digits_data, tmp_path, caplog):
+    train.main(train_args(digits_data, tmp_path, "run", 3))
+    train.main(train_args(digits_data, tmp_path, "run", 4, learning_rate=5e-4, adam_beta2=0.99))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "0000004.pt"))
+    group = ckpt["opt"]["param_groups"][0]
+    assert group["lr"] == 5e-4 and tuple(group["betas"]) == (0.9, 0.99)
+    assert ckpt["args"]["learning_rate"] == 5e-4
+    assert json.load(open(tmp_path / "run" / "args.json"))["learning_rate"] == 5e-4
+    assert "lr 0.001 -> 0.0005" in caplog.text and "betas (0.9, 0.999) -> (0.9, 0.99)" in caplog.text
+
+
+def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused_unless_archived(digits_data, tmp_path, capsys):
+    train.main(train_args(digits_data, tmp_path, "run", 3))
+    with pytest.raises(SystemExit):
+        train.main(train_args(digits_data, tmp_path, "run", 2, resume_step=0))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds checkpoints up to step 3" in err and "--archive-old-run" in err
+    train.main(train_args(digits_data, tmp_path, "run", 2, resume_step=0, archive_old_run=None))
+    run = tmp_path / "run"
+    archived = [d for d in os.listdir(run) if d.startswith("archived-")]
+    assert len(archived) == 1
+    assert sorted(os.listdir(run / archived[0] / "checkpoints")) == ["0000003.pt"]
+    assert [s for s, _ in checkpoint_paths(str(run / "checkpoints"))] == [2]
+    assert steps_logged(run) == [1, 2]                                           # the new run only
+
+
+def test_toggling_a_setting_that_changes_no_weight_resumes(digits_data, tmp_path, capsys):
+    train.main(train_args(digits_data, tmp_path, "run", 3))
+    train.main(train_args(digits_data, tmp_path, "run", 4, no_fused_attn=None))
+    assert [s for s, _ in checkpoint_paths(str(tmp_path / "run" / "checkpoints"))] == [3, 4]
+    with pytest.raises(SystemExit):                                              # this one changes weights
+        train.main(train_args(digits_data, tmp_path, "run", 5, qk_norm=None))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "different model configuration (qk_norm: False -> True)" in err
+
+
+#################################################################################
+#                       Killed processes and several ranks (slow)               #
+#################################################################################
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_then_a_rerun_equals_an_uninterrupted_run(digits_data, tmp_path):
+    steps = 7
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    straight = subprocess.run(cmd + train_args(digits_data, tmp_path, "straight", steps, checkpointing_steps=1),
+                              env=ENV, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    old = os.umask(0o022)
+    try:
+        kills = 0
+        for delay in (0.0, 0.05, 0.2):
+            proc = subprocess.Popen(cmd + train_args(digits_data, tmp_path, "killed", steps, checkpointing_steps=1),
+                                    env=ENV, stderr=subprocess.PIPE, text=True)
+            for line in proc.stderr:                    # kill while a checkpoint is being written
+                if "writing a checkpoint" in line:
+                    time.sleep(delay)
+                    proc.send_signal(signal.SIGKILL)
+                    kills += 1
+                    break
+            proc.wait(timeout=300)
+        assert kills == 3
+        final = subprocess.run(cmd + train_args(digits_data, tmp_path, "killed", steps, checkpointing_steps=1),
+                               env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        os.umask(old)
+    assert final.returncode == 0, final.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert same_weights(weights(tmp_path / "straight/checkpoints/0000007.pt"), weights(run / "checkpoints/0000007.pt"))
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp-")]
+    assert stat.S_IMODE(os.stat(run / "checkpoints/0000007.pt").st_mode) == 0o644
+    logged = steps_logged(run)
+    assert logged == sorted(set(logged)) and logged[-1] == steps
+
+
+@pytest.mark.slow
+def test_torchrun_without_a_gpu_or_cpu_flag_is_one_data_parallel_job(digits_data, tmp_path):
+    args = [a for a in train_args(digits_data, tmp_path, "ddp", 2, checkpointing_steps=2) if a not in ("--device", "cpu")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "train.py")] + args
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es)" in out.stderr and "(2 replicas in sync)" in out.stderr
+    assert steps_logged(tmp_path / "ddp") == [1, 2]                              # each step logged once
+
+
+DRIVER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import checkpoint, train
+mode = sys.argv[2]
+rank = int(os.environ["RANK"])
+if mode == "slow-save" and rank == 0:
+    real = checkpoint.atomic_torch_save
+    def slow(obj, path):
+        time.sleep(8)                 # a save far longer than the 3-second collective timeout
+        real(obj, path)
+    checkpoint.atomic_torch_save = slow
+if mode == "unreadable" and rank == 1:
+    def unreadable(path, map_location="cpu"):
+        raise ValueError(f"{path} is not a readable checkpoint (PytorchStreamReader failed)")
+    checkpoint.load_checkpoint = unreadable
+try:
+    train.main(sys.argv[3:])
+except SystemExit as e:
+    sys.exit(e.code)
+"""
+
+
+def _driver(tmp_path, mode, args):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script), ROOT, mode] + args
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_save_slower_than_the_collective_timeout_does_not_abort_the_job(digits_data, tmp_path):
+    out = _driver(tmp_path, "slow-save", train_args(digits_data, tmp_path, "slow", 4, checkpointing_steps=2,
+                                                    dist_timeout=0.05))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [s for s, _ in checkpoint_paths(str(tmp_path / "slow/checkpoints"))] == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_read_the_chosen_checkpoint_stops_the_job_with_one_line(digits_data, tmp_path):
+    train.main(train_args(digits_data, tmp_path, "two", 2, checkpointing_steps=2))
+    out = _driver(tmp_path, "unreadable", train_args(digits_data, tmp_path, "two", 4, checkpointing_steps=2))
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, out.stderr[-3000:]                     # printed once, by rank 0
+    assert "process 1 cannot resume from" in lines[0] and "0000002.pt" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_dying_rank_ends_the_job_within_seconds_and_a_rerun_resumes(digits_data, tmp_path):
+    args = train_args(digits_data, tmp_path, "die", 400, checkpointing_steps=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "train.py")] + args
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "writing a checkpoint" in line:
+            break
+    ckpts = tmp_path / "die" / "checkpoints"
+    while not checkpoint_paths(str(ckpts)):
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(children[-1]), signal.SIGKILL)
+    t0 = time.time()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 60
+    done = max(s for s, _ in checkpoint_paths(str(ckpts)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "train.py")] + train_args(digits_data, tmp_path, "die", done + 2, checkpointing_steps=2)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"(step {done})" in rerun.stderr and max(s for s, _ in checkpoint_paths(str(ckpts))) == done + 2
