@@ -249,7 +249,7 @@ def build_reference_batch(
 # ----------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> Path:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Build an ADM-format reference batch (.npz) from an image folder.")
     parser.add_argument("source", help="folder of images (recursive), e.g. a preprocessed PNG dataset folder")
     parser.add_argument("out", help="output .npz")
@@ -271,6 +271,11 @@ def main(argv=None) -> Path:
     )
     parser.add_argument("--batch-size", type=int, default=evaluator.DEFAULT_BATCH_SIZE)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    return parser
+
+
+def main(argv=None) -> Path:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device) if args.device else None

@@ -1,0 +1,34 @@
+"""presets.py: each paper run expands to the documented flags, which train.py's parser accepts."""
+import subprocess
+
+import pytest
+
+import presets
+import train
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_each_preset_parses_into_the_paper_recipe(name):
+    args = train.build_parser().parse_args(["--data-dir", "d", "--exp-name", "e"] + presets.flags(name, "train"))
+    depth = {"SiT-B/2": 4, "SiT-L/2": 8, "SiT-XL/2": 8}[args.model]
+    assert (args.encoder_depth, args.enc_type, args.proj_coeff, args.cls) == (depth, "dinov2-vit-b", 0.5, 0.03)
+    assert (args.batch_size, args.learning_rate, args.precision, args.tf32) == (256, 1e-4, "fp16", True)
+    assert args.max_train_steps == (4_000_000 if name.endswith("4m") else 400_000)
+    eval_flags = presets.flags(name, "eval")
+    assert eval_flags[eval_flags.index("--mode") + 1] == "sde" and eval_flags[eval_flags.index("--num-steps") + 1] == "250"
+
+
+def test_later_flags_win_over_a_preset():
+    args = train.build_parser().parse_args(["--data-dir", "d", "--exp-name", "e"] + presets.flags("reg-b2-400k", "train")
+                                           + ["--batch-size", "128"])
+    assert args.batch_size == 128 and args.model == "SiT-B/2"
+
+
+def test_unknown_preset_is_one_line():
+    with pytest.raises(KeyError, match="unknown preset 'x'"):
+        presets.flags("x", "train")
+    out = subprocess.run(["bash", "train.sh", "no-such-preset"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": __import__("os").environ["PATH"], "PYTHON": __import__("sys").executable})
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "presets.py: error: unknown preset 'no-such-preset'; choose one of " + ", ".join(presets.PRESETS)]
