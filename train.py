@@ -30,7 +30,7 @@ import torch
 import cli
 from checkpoint import CheckpointError, Checkpointer, checkpoint_paths, infer_model_config
 from fileio import atomic_open, atomic_write_bytes
-from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective
+from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective, resolution_shift
 from models.autoencoder import sample_latents
 from models.sit import SIT_CONFIGS, SiT_models
 from optim import ADAM_IMPLS, GuardedAdamW, make_optimizer, update_ema
@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="REG class-token loss weight (0: no class token, i.e. plain REPA)")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for the release's command lines; no effect in training")
+    g.add_argument("--cfm-coeff", type=float, default=0.0,
+                   help="contrastive flow matching weight (SpeedrunDiT: 0.05; 0: off, the release)")
+    g.add_argument("--time-shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="shift t by sqrt(latent elements / --shift-base) (SD3/SpeedrunDiT); sampling follows")
+    g.add_argument("--shift-base", type=int, default=4096,
+                   help="latent elements with no shift (4096 = SD-VAE latents at 256 px)")
 
     g = p.add_argument_group("sample grids")
     g.add_argument("--sample-num-steps", type=int, default=50, help="ODE steps of the EMA sample grids")
@@ -142,8 +148,10 @@ def check_args(args, parser):
         parser.error("--batch-size and --gradient-accumulation-steps must be positive")
     if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.log_every < 1:
         parser.error("--max-train-steps, --checkpointing-steps and --log-every must be positive")
-    if args.proj_coeff < 0 or args.cls < 0:
-        parser.error("--proj-coeff and --cls must be >= 0")
+    if args.proj_coeff < 0 or args.cls < 0 or args.cfm_coeff < 0:
+        parser.error("--proj-coeff, --cls and --cfm-coeff must be >= 0")
+    if args.shift_base < 1:
+        parser.error(f"--shift-base must be positive, got {args.shift_base}")
     if not 0 <= args.cfg_prob < 1:
         parser.error(f"--cfg-prob must be in [0, 1), got {args.cfg_prob}")
     if args.nonfinite_patience < 1:
@@ -528,8 +536,10 @@ def build(args, parser):
     run.state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
                            scaler=torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16"),
                            forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm)
+    shift = resolution_shift((latent_channels, latent_size, latent_size), args.shift_base) if args.time_shift else 1.0
     run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
-                                 weighting=args.weighting, prediction=args.prediction)
+                                 weighting=args.weighting, prediction=args.prediction, time_shift=shift,
+                                 cfm_coeff=args.cfm_coeff)
     run.prepare = Prepare(model, run.device, dataset.latent_scale, dataset.latent_bias, encoders, run.use_features,
                           autocast=run.state.autocast)
     run.rng = RNGStates(lambda obj: gather_objects(acc, obj), run.rank, run.world, run.device)

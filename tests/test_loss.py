@@ -374,3 +374,66 @@ def test_bad_names_raise(kwargs, match):
 def test_interpolant_bad_path():
     with pytest.raises(ValueError, match="path_type"):
         interpolant(torch.tensor(0.5), "sigmoid")
+
+
+#################################################################################
+#                 The objective: named terms, weights, CFM, time shift          #
+#################################################################################
+
+def _inputs(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3][:n]),
+            [torch.randn(n, 4, 6, generator=g, dtype=torch.float64)], torch.randn(n, 5, generator=g, dtype=torch.float64))
+
+
+def test_objective_terms_and_weights_equal_the_release_total():
+    from loss import REGObjective
+    x, y, zs, cls = _inputs()
+    zs_tilde = [torch.randn(4, 4, 6, dtype=torch.float64)]
+    torch.manual_seed(3)
+    terms = REGObjective(proj_coeff=0.5, cls_coeff=0.03)(StubModel(zs_tilde), x, y, zs=zs, cls_token=cls)
+    torch.manual_seed(3)
+    release = SILoss()(StubModel(zs_tilde), x, dict(y=y), zs=zs, cls_token=cls)
+    assert list(terms) == ["loss", "loss_mean", "proj_loss", "loss_mean_cls", "proj_loss_weighted",
+                           "loss_mean_cls_weighted"]
+    assert torch.equal(terms["loss"], total_loss(release))                      # bitwise: same order of sums
+    assert torch.equal(terms["proj_loss_weighted"], 0.5 * release.proj_loss)
+    assert torch.equal(terms["loss_mean_cls_weighted"], 0.03 * release.denoising_loss_cls.mean())
+    with pytest.raises(ValueError, match="cls_coeff must be >= 0"):
+        REGObjective(cls_coeff=-1)
+
+
+def test_contrastive_flow_matching_term_on_hand_computed_tensors():
+    from loss import REGObjective, contrastive_flow_matching
+    out = torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, -1.0]])
+    target = torch.tensor([[0.0, 1.0], [2.0, 2.0], [1.0, 1.0]])
+    # negatives = target rolled by one sample: [[1, 1], [0, 1], [2, 2]]
+    want = -((0 ** 2 + 1 ** 2) + (3 ** 2 + 4 ** 2) + (2 ** 2 + 3 ** 2)) / 6
+    assert contrastive_flow_matching(out, target).item() == pytest.approx(want)
+    x, y, zs, cls = _inputs()
+    torch.manual_seed(3)
+    with_cfm = REGObjective(cfm_coeff=0.05)(StubModel([torch.randn(4, 4, 6, dtype=torch.float64)]), x, y, zs=zs,
+                                            cls_token=cls)
+    assert "cfm_loss" in with_cfm and with_cfm["cfm_loss_weighted"] == 0.05 * with_cfm["cfm_loss"]
+    rest = with_cfm["loss_mean"] + with_cfm["proj_loss_weighted"] + with_cfm["loss_mean_cls_weighted"]
+    assert torch.equal(with_cfm["loss"], rest + with_cfm["cfm_loss_weighted"])
+    assert "cfm_loss" not in REGObjective()(StubModel([torch.randn(4, 4, 6, dtype=torch.float64)]), x, y, zs=zs,
+                                             cls_token=cls)
+
+
+def test_time_shift_closed_form_and_no_shift_for_sd_vae_latents_at_256px():
+    from loss import resolution_shift, time_shift
+    assert resolution_shift((4, 32, 32)) == 1.0                                  # SD-VAE, 256 px: exactly none
+    assert resolution_shift((32, 16, 16), base=4096) == math.sqrt(2)            # a 32-channel /16 VAE at 256 px
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert time_shift(t, 1.0) is t
+    shifted = time_shift(t, 2.0)
+    torch.testing.assert_close(shifted, 2 * t / (1 + t), rtol=0, atol=0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted >= t).all()        # more time at high noise
+    # the loss draws t, then shifts it: the same draws, shifted
+    torch.manual_seed(7)
+    plain = SILoss().sample_time(5)
+    torch.manual_seed(7)
+    torch.testing.assert_close(SILoss(time_shift=3.0).sample_time(5), 3 * plain / (1 + 2 * plain), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="time_shift must be > 0"):
+        SILoss(time_shift=0)
