@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -188,8 +188,8 @@ class TrainState:
     the others, which never read it)."""
     model: torch.nn.Module
     optimizer: GuardedAdamW | torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     ema: torch.nn.Module | None = None
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     step: int = 0
     forward: torch.nn.Module | None = None
     precision: str = "fp32"
