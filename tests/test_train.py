@@ -294,3 +294,11 @@ def test_training_needs_no_decoder_and_draws_grids_when_there_is_one(data_dir, t
     # with the dataset's own (PCA) codec the grids are drawn
     train.main(base_args(data_dir, tmp_path, "grids", 2, sampling_steps=1, sample_num_steps=2, num_sample_images=4))
     assert sorted(os.listdir(tmp_path / "grids" / "samples")) == ["0000001.png", "0000002.png"]
+
+
+def test_compile_needs_torch_2_5_and_says_so(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(SystemExit):
+        train.main(base_args(data_dir, tmp_path, "old", 1, compile=None))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--compile needs torch >= 2.5" in err and "2.4.1" in err
