@@ -116,8 +116,8 @@ class EncoderSpec:
     depth: int
     heads: int
     patch: int
-    timm_name: str                  # timm architecture it is built as ...
-    timm_overrides: dict = field(default_factory=dict)   # ... with these changes
+    timm_name: str                  # timm model it is built as (patch, width, depth, heads from here)
+    timm_overrides: dict = field(default_factory=dict)   # where those differ from timm's defaults
     registers: int = 0
     weights_file: str | None = None  # the published file's name
     repa_file: str | None = None     # REPA's ./ckpts/ name for it
@@ -286,10 +286,11 @@ class Encoder(nn.Module):
         to skip it). ``depth`` shortens it (tests)."""
         import timm
 
-        kwargs = dict(spec.timm_overrides)
-        if depth is not None:
-            kwargs["depth"] = int(depth)
-        return timm.create_model(spec.timm_name, pretrained=False, img_size=input_size, num_classes=0, **kwargs)
+        # Patch, width, depth and heads from the registry; timm's model supplies the rest
+        # (norms, activation, layer scale, registers, class token).
+        return timm.create_model(spec.timm_name, pretrained=False, img_size=input_size, num_classes=0,
+                                 patch_size=spec.patch, embed_dim=spec.width, depth=int(depth or spec.depth),
+                                 num_heads=spec.heads)
 
     @classmethod
     def to_timm(cls, raw, spec: EncoderSpec, model: nn.Module) -> dict:
@@ -842,8 +843,8 @@ def official_dinov2_state_dict(model: nn.Module) -> dict:
 
 
 def _swiglu(backbone: nn.Module) -> bool:
-    from timm.layers import SwiGLUPacked
-    return any(isinstance(m, SwiGLUPacked) for m in backbone.modules())
+    from timm.layers import GluMlp          # timm's SwiGLUPacked (ViT-g): official mlp.w12 / mlp.w3
+    return any(isinstance(m, GluMlp) for m in backbone.modules())
 
 
 def save_official_layout(model: nn.Module, path: str) -> str:
