@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fileio import read_json
+from models.autoencoder import RELEASE_ENCODER, SD_VAE_BIAS, SD_VAE_SCALE, codec_identity
 
 #################################################################################
 #                        On-disk layout (shared with the tools)                  #
@@ -39,7 +40,7 @@ OUR_LATENTS_DIR = "vae-latents"
 RELEASE_IMAGE_DIRS = ("images", "imagenet_256_vae", "imagenet_512_vae")
 RELEASE_LATENT_DIRS = ("vae-sd", "vae-sd-256", "vae-sd-512")
 RELEASE_LATENT_PREFIX = "img-mean-std-"
-RELEASE_AUTOENCODER = "stabilityai/sd-vae-ft-mse"     # what the release's encode step uses
+RELEASE_AUTOENCODER = RELEASE_ENCODER                 # what the release's encode step uses
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
 
@@ -199,12 +200,14 @@ class REGDataset(Dataset):
             self.latent_bias = float(latent_manifest["bias"])
             self.num_classes = int(latent_manifest["num_classes"])
             self.resolution = int(latent_manifest["resolution"])
+            # manifests before the codec identity was recorded: derived from the spec
+            self.codec_identity = latent_manifest.get("codec") or codec_identity(self.autoencoder_spec)
         else:
-            from models.autoencoder import SD_VAE_BIAS, SD_VAE_SCALE
             self.autoencoder_spec = RELEASE_AUTOENCODER
             self.latent_scale, self.latent_bias = SD_VAE_SCALE, SD_VAE_BIAS
             self.num_classes = int(self.labels.max()) + 1
             self.resolution = None      # from the first image below, else latent size x 8
+            self.codec_identity = codec_identity(self.autoencoder_spec)
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"labels in {self.latents_dir} fall outside [0, {self.num_classes})")
 

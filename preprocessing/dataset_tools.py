@@ -439,8 +439,9 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
             num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
             finish_step(dest, {
                 "kind": "latents", "format": FORMAT_VERSION, "params": params,
-                # the codec's canonical spec (local paths absolute): training rebuilds it from any cwd
-                "autoencoder": ae.spec,
+                # the codec's canonical spec (local paths absolute): training rebuilds it from any cwd,
+                # and its identity (family, variant, source, ...): models.autoencoder.decoder_for reads it
+                "autoencoder": ae.spec, "codec": ae.identity,
                 "scale": ae.scale, "bias": ae.bias, "latent_channels": ae.latent_channels,
                 "downsample": ae.downsample, "moments_shape": moments_shape, "dtype": "float32",
                 "resolution": resolution, "num_files": len(outputs), "num_classes": int(num_classes)})
