@@ -742,8 +742,12 @@ def _timm_from_weights(spec: EncoderSpec, path: str, input_size: int) -> nn.Modu
     try:
         raw = _read_checkpoint(path)
     except Exception as e:  # noqa: BLE001 - re-raised as one line
-        first = " ".join(str(e).split())[:300] or type(e).__name__
-        raise ValueError(f"cannot read weights file {path} ({first}); expected {spec.weights_file}") from e
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        hint = ""
+        if "weights_only" in str(e) or "Unpickl" in type(e).__name__:
+            hint = (" (it pickles objects other than tensors, e.g. 'args': if you trust the file, re-save it "
+                    "without them)")
+        raise ValueError(f"cannot read weights file {path}{hint}: {first}; expected {spec.weights_file}") from e
     try:
         sd = fam.to_timm(raw, spec, model)
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}   # CLIP ships fp16

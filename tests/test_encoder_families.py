@@ -64,6 +64,8 @@ RELEASED = {
 }
 # One of each family (real width) for the numerical tests.
 FAMILY_REPS = ["dinov2-vit-s-reg", "dinov1-vit-b", "mocov3-vit-s", "mae-vit-l", "jepa-vit-h", "clip-vit-L"]
+# OpenAI ships CLIP as TorchScript; writing and reading one warns that TorchScript is deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
 ENV_VARS = ("REG_DINOV2_WEIGHTS", "REG_DINOV2_REPO", "REG_DINOV1_WEIGHTS", "REG_MOCOV3_WEIGHTS",
             "REG_MAE_WEIGHTS", "REG_JEPA_WEIGHTS", "REG_CLIP_WEIGHTS")
 
@@ -512,3 +514,15 @@ def test_official_layout_giant_swiglu_round_trip(narrow, tmp_path):
     loaded = load_encoders("dinov2-vit-g", 32, local_paths={"dinov2-vit-g": str(tmp_path)})[0]
     x = _images(2)
     assert torch.equal(loaded(x)[1], enc(x)[1])
+
+
+def test_unreadable_or_untrusted_file_is_one_line(narrow, tmp_path):
+    import argparse
+    path = tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth"
+    torch.save({"teacher": {}, "args": argparse.Namespace(arch="vit_base")}, path)   # DINO's full checkpoints
+    with pytest.raises(ValueError, match="cannot read weights file .*re-save it without them") as e:
+        load_encoders("dinov1-vit-b", 32, local_paths={"dinov1-vit-b": str(path)})
+    assert "\n" not in str(e.value)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read weights file"):
+        load_encoders("dinov1-vit-b", 32, local_paths={"dinov1-vit-b": str(tmp_path / "junk.pth")})
