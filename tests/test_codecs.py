@@ -19,6 +19,7 @@ from models.autoencoder import SD_VAE_SCALE, Autoencoder, codec_identity, decode
 from preprocessing import dataset_tools as dt
 
 SCALE32, SHIFT32 = 0.5, 0.1
+pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors: one thread is faster
 
 
 def _save_tiny_sd(folder):

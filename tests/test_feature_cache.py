@@ -21,6 +21,7 @@ from models.encoders import load_encoders, random_encoder, weights_record
 from preprocessing import dataset_tools as dt
 
 RES = 32
+pytestmark = pytest.mark.usefixtures("single_thread")   # tiny tensors: one thread is faster
 
 
 @pytest.fixture(autouse=True)
