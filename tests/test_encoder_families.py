@@ -172,7 +172,7 @@ def test_preprocessing_matches_repa(resolution):
 def test_output_shapes_all_encoders_meta(resolution):
     """Real width/heads/patch, 1 block, shapes only (meta tensors): (N, Z) and (N, 1 + T, Z)."""
     t = (resolution // 16) ** 2
-    for name, (family, width, _depth, heads, patch) in RELEASED.items():
+    for name, (_family, width, _depth, heads, patch) in RELEASED.items():
         enc = random_encoder(name, resolution, depth=1, device="meta")
         assert enc.backbone.patch_embed.proj.kernel_size == (patch, patch)
         assert enc.backbone.blocks[0].attn.num_heads == heads
@@ -352,7 +352,7 @@ def test_published_layout_loads_to_identical_outputs(published, narrow, name):
     g0, t0 = ref(x)
     g1, t1 = loaded(x)
     assert torch.equal(g0, g1) and torch.equal(t0, t1)
-    for (k, a), (_, b) in zip(ref.backbone.state_dict().items(), loaded.backbone.state_dict().items()):
+    for (k, a), (_, b) in zip(ref.backbone.state_dict().items(), loaded.backbone.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 
