@@ -687,19 +687,25 @@ def weights_record(name: str, local_path: str | None = None) -> dict:
 
 
 def weights_differ(recorded: dict | None, current: dict | None) -> str | None:
-    """Why two weights records are not the same weights (None when they are, or cannot tell)."""
+    """Why two weights records are not the same weights; None when they are, or when it cannot be
+    told (a record missing, or one side unhashed: torch.hub weights not downloaded yet)."""
     if not recorded or not current:
         return None
-    if recorded.get("sha256") and current.get("sha256"):
-        if recorded["sha256"] != current["sha256"]:
-            return (f"weights {recorded.get('path') or recorded.get('source')} (sha256 {recorded['sha256'][:12]}) "
-                    f"vs {current.get('path') or current.get('source')} (sha256 {current['sha256'][:12]})")
+
+    def show(r):
+        sha = f" (sha256 {r['sha256'][:12]})" if r.get("sha256") else ""
+        return f"{r.get('path') or r.get('model') or r.get('source')}{sha}"
+
+    a, b = recorded.get("sha256"), current.get("sha256")
+    if a and b:
+        same = a == b
+    elif "random" in (recorded.get("source"), current.get("source")):
+        same = (recorded.get("source"), recorded.get("seed")) == (current.get("source"), current.get("seed"))
+    elif a or b:
         return None
-    keys = ("source", "path", "model", "seed")
-    if any(recorded.get(k) != current.get(k) for k in keys):
-        show = lambda r: r.get("path") or r.get("model") or r.get("source")  # noqa: E731
-        return f"weights {show(recorded)} vs {show(current)}"
-    return None
+    else:
+        same = all(recorded.get(k) == current.get(k) for k in ("source", "path", "model"))
+    return None if same else f"weights {show(recorded)} vs {show(current)}"
 
 
 #################################################################################

@@ -528,3 +528,18 @@ def test_unreadable_or_untrusted_file_is_one_line(narrow, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read weights file"):
         load_encoders("dinov1-vit-b", 32, local_paths={"dinov1-vit-b": str(tmp_path / "junk.pth")})
+
+
+def test_weights_records_compare_by_content():
+    f1 = {"source": "file", "path": "/a/dinov2_vitb14_pretrain.pth", "sha256": "ab" * 32}
+    moved = {**f1, "path": "/b/copy.pth"}
+    other = {**f1, "sha256": "cd" * 32}
+    hub = {"source": "torch.hub", "path": "facebookresearch/dinov2", "model": "dinov2_vitb14", "sha256": None}
+    rand = {"source": "random", "seed": 0, "sha256": None}
+    assert E.weights_differ(f1, moved) is None                     # same bytes elsewhere
+    assert "sha256 abababababab" in E.weights_differ(f1, other)
+    assert E.weights_differ(f1, {**hub, "sha256": "ab" * 32}) is None   # hub checkpoint on disk, same bytes
+    assert E.weights_differ(f1, hub) is None                       # not downloaded yet: cannot tell
+    assert E.weights_differ(f1, rand) and E.weights_differ(rand, f1)
+    assert E.weights_differ(rand, {**rand, "seed": 1}) and E.weights_differ(rand, dict(rand)) is None
+    assert E.weights_differ(hub, {**hub, "model": "dinov2_vitl14"})
