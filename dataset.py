@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fileio import read_json
+from models.autoencoder import RELEASE_ENCODER, SD_VAE_BIAS, SD_VAE_SCALE, codec_identity
 
 #################################################################################
 #                        On-disk layout (shared with the tools)                  #
@@ -39,7 +40,7 @@ OUR_LATENTS_DIR = "vae-latents"
 RELEASE_IMAGE_DIRS = ("images", "imagenet_256_vae", "imagenet_512_vae")
 RELEASE_LATENT_DIRS = ("vae-sd", "vae-sd-256", "vae-sd-512")
 RELEASE_LATENT_PREFIX = "img-mean-std-"
-RELEASE_AUTOENCODER = "stabilityai/sd-vae-ft-mse"     # what the release's encode step uses
+RELEASE_AUTOENCODER = RELEASE_ENCODER                 # what the release's encode step uses
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
 
@@ -124,6 +125,23 @@ def check_step_complete(step_dir: str, what: str) -> dict | None:
     return manifest
 
 
+def _preprocessing_differs(name: str, manifest: dict) -> str | None:
+    """Why a feature cache's encoder facts differ from the registry's now (None: they agree).
+    Caches written before the record existed come from the DINOv2-style encoders only, whose
+    preprocessing has not changed."""
+    from models.encoders import encoder_record, encoder_spec
+
+    recorded = manifest.get("encoder_record")
+    if recorded is None:
+        family = encoder_spec(name).family.family
+        return None if family in ("dinov2", "random") else "no record of its preprocessing"
+    current = encoder_record(name, int(manifest["resolution"]))
+    keys = [k for k in current if recorded.get(k) != current[k]]
+    if keys:
+        return f"other preprocessing or token rules (differs in: {', '.join(keys)})"
+    return None
+
+
 #################################################################################
 #                                   Dataset                                      #
 #################################################################################
@@ -137,28 +155,40 @@ class REGDataset(Dataset):
 
     use_features: "auto" (use caches when every encoder in enc_types has one; full preferred),
     True (same, but an error when missing), False, or "full" / "cls" (that kind, else an error).
-    enc_types: encoders whose cached outputs to return, in this order (None: every cached one).
+    "cls" with load_images=True serves a run that needs patch tokens it has no cache for: the
+    cached global tokens plus the images, for the trainer to run the encoder online.
+    enc_types: encoders whose cached outputs to return, in this order (None: every cached one);
+    release spellings are accepted (``dinov2reg-vit-b``).
     load_images: None -> return images unless a full feature cache makes them unnecessary.
     images_dir / latents_dir: override the folder discovery (names under data_dir, or paths).
+    encoder_weights: {name: models.encoders.weights_record(...)} of the encoders this run will
+    use; a cache made with other weights is refused. Caches made with preprocessing other than
+    the registry's are always refused.
 
     Attributes: num_classes, resolution, latent_shape = moments_shape = (2C, h, w) (one stored
-    item), latent_channels = C, autoencoder_spec / latent_scale / latent_bias (from the latents
-    manifest), feature_kind ("none" | "cls" | "full"), enc_types, encoder_widths {name: Z}.
+    item), latent_channels = C, autoencoder_spec / latent_scale / latent_bias / codec_identity
+    (from the latents manifest), feature_kind ("none" | "cls" | "full"), enc_types,
+    encoder_widths {name: Z}, feature_records {name: {"path", "dtype", "encoder_record", "weights"}}.
 
     Items are dicts: "image" uint8 (3, R, R); "moments" float32 (2C, h, w); "label" int64 ();
-    with features, "enc_cls" list of fp16 (Z_k,) and, for a full cache, "enc_tokens" list of
-    fp16 (1 + T, Z_k), one entry per encoder (the default collate stacks each entry).
+    with features, "enc_cls" list of (Z_k,) and, for a full cache, "enc_tokens" list of
+    (1 + T, Z_k), one entry per encoder, in the cache's dtype (float16 by default; the default
+    collate stacks each entry).
     """
 
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
                  load_images: bool | None = None, images_dir: str | None = None,
-                 latents_dir: str | None = None):
+                 latents_dir: str | None = None, encoder_weights: dict | None = None):
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory {data_dir} does not exist")
         if use_features not in (True, False, "auto", "full", "cls"):
             raise ValueError(f"use_features must be True, False, 'auto', 'full' or 'cls', got {use_features!r}")
         if isinstance(enc_types, str):
             enc_types = [e for e in enc_types.split(",") if e]
+        if enc_types:
+            from models.encoders import parse_enc_types
+            enc_types = parse_enc_types(enc_types)
+        self._encoder_weights = encoder_weights or {}
         self.data_dir = data_dir
         steps = self._scan_steps(data_dir)
 
@@ -199,12 +229,14 @@ class REGDataset(Dataset):
             self.latent_bias = float(latent_manifest["bias"])
             self.num_classes = int(latent_manifest["num_classes"])
             self.resolution = int(latent_manifest["resolution"])
+            # manifests before the codec identity was recorded: derived from the spec
+            self.codec_identity = latent_manifest.get("codec") or codec_identity(self.autoencoder_spec)
         else:
-            from models.autoencoder import SD_VAE_BIAS, SD_VAE_SCALE
             self.autoencoder_spec = RELEASE_AUTOENCODER
             self.latent_scale, self.latent_bias = SD_VAE_SCALE, SD_VAE_BIAS
             self.num_classes = int(self.labels.max()) + 1
             self.resolution = None      # from the first image below, else latent size x 8
+            self.codec_identity = codec_identity(self.autoencoder_spec)
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"labels in {self.latents_dir} fall outside [0, {self.num_classes})")
 
@@ -213,6 +245,9 @@ class REGDataset(Dataset):
         self.feature_kind = self._choose_features(steps, use_features, enc_types)
         self.enc_types = [name for name, _, _ in self._features]
         self.encoder_widths = {name: int(m["embed_dim"]) for name, _, m in self._features}
+        self.feature_records = {name: {"path": fdir, "kind": m["feature_kind"], "dtype": m.get("dtype", "float16"),
+                                       "encoder_record": m.get("encoder_record"), "weights": m.get("weights")}
+                                for name, fdir, m in self._features}
         self._feature_rows = []
         for name, fdir, manifest in self._features:
             row_of = {k: i for i, k in enumerate(manifest["keys"])}
@@ -313,9 +348,9 @@ class REGDataset(Dataset):
     def _choose_features(self, steps, use_features, enc_types) -> str:
         if use_features is False:
             return "none"
-        by_enc = {}
+        by_enc = {}                     # {encoder: {kind: [(path, manifest), ...]}}
         for path, m in steps["features"]:
-            by_enc.setdefault(m["encoder"], {})[m["feature_kind"]] = (path, m)
+            by_enc.setdefault(m["encoder"], {}).setdefault(m["feature_kind"], []).append((path, m))
         wanted = list(enc_types) if enc_types is not None else sorted(by_enc)
         if not wanted and enc_types is not None:
             return "none"          # no encoder asked for: nothing to load
@@ -329,7 +364,8 @@ class REGDataset(Dataset):
                 kinds = ["cls", "full"]
             if kinds is None:
                 if use_features is True:
-                    raise FileNotFoundError(f"no cached features for {', '.join(wanted) or 'any encoder'} in "
+                    missing = [e for e in wanted if not by_enc.get(e)] or wanted
+                    raise FileNotFoundError(f"no cached features for {', '.join(missing) or 'any encoder'} in "
                                             f"{self.data_dir}; run preprocessing/dataset_tools.py cache-features")
                 return "none"
         for e in wanted:
@@ -338,11 +374,33 @@ class REGDataset(Dataset):
             if kind is None:
                 raise FileNotFoundError(f"no {'/'.join(kinds)} feature cache for {e} in {self.data_dir} "
                                         f"(found: {sorted(have) or 'none'}); run cache-features --kind {kinds[0]}")
-            path, m = have[kind]
+            path, m = self._pick_cache(e, have[kind])
             self._features.append((e, path, m))
         if not self._features:
             raise FileNotFoundError(f"no cached features in {self.data_dir}; run cache-features")
         return kinds[0]
+
+    def _pick_cache(self, name: str, candidates: list) -> tuple[str, dict]:
+        """The one cache of an encoder's kind to use: its preprocessing must be the registry's, its
+        weights this run's (when given); several fitting caches are ambiguous."""
+        from models.encoders import weights_differ
+
+        fitting, reasons = [], []
+        for path, m in candidates:
+            why = _preprocessing_differs(name, m)
+            if why is None and name in self._encoder_weights:
+                why = weights_differ(m.get("weights"), self._encoder_weights[name])
+                why = why and f"other {name} weights than this run's ({why})"
+            if why is None:
+                fitting.append((path, m))
+            else:
+                reasons.append(f"{path} was made with {why}")
+        if not fitting:
+            raise ValueError(f"{'; '.join(reasons)}: rerun cache-features for {name} into a new folder, or remove it")
+        if len(fitting) > 1:
+            raise ValueError(f"several {fitting[0][1]['feature_kind']} feature caches for {name} in {self.data_dir} "
+                             f"({', '.join(os.path.basename(p) for p, _ in fitting)}); keep one")
+        return fitting[0]
 
     # ------------------------------------------------------------------ API
     def has_features(self, enc_types=None, kind: str | None = None) -> bool:

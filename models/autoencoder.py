@@ -1,16 +1,18 @@
-"""Image <-> latent codec and its latent scaling, in one place.
+"""Image <-> latent codecs and their latent scaling, in one place.
 
-The SiT models never see raw VAE latents: training feeds z = latent * scale + bias and
-sampling decodes vae.decode((z - bias) / scale). For SD-VAE the release hard-codes
-scale = 0.18215, bias = 0; this module is the only place that number lives.
+The SiT models never see raw latents: training feeds z = latent * scale + bias and sampling
+decodes codec.decode((z - bias) / scale). For SD-VAE the release hard-codes scale = 0.18215,
+bias = 0; this module is the only place that number lives (``SD_VAE_SCALE``).
 
-Specs understood by ``Autoencoder.from_spec`` (the string is recorded in manifests and
-checkpoints so the same codec can be rebuilt later):
+Codecs are small classes behind a registry (``CODECS``; the first whose ``matches(spec)`` is
+true builds it). Specs understood by ``Autoencoder.from_spec`` (recorded in manifests and
+checkpoints, with the codec's identity, so the same codec can be rebuilt later):
 
 * ``"ema"`` / ``"mse"``: ``stabilityai/sd-vae-ft-ema`` / ``-mse`` (same encoder, different
   decoder fine-tune; the release encodes with mse and decodes with ema);
-* any other Hugging Face id, a local diffusers directory, or a single
-  ``.safetensors`` / ``.ckpt`` file;
+* any other Hugging Face id, a local diffusers ``AutoencoderKL`` directory, or a single
+  ``.safetensors`` / ``.ckpt`` file: any channel count and downsampling; scale and shift from its
+  config (``scaling_factor``, ``shift_factor``: z = (latent - shift) * scale, as diffusers);
 * ``"identity"``: pixel-space stand-in (3 channels, no downsampling) for the CPU demo;
   ``"identity-f8"`` (any factor): the same pixels folded losslessly into 3*8*8 channels on an
   H/8 x W/8 grid (pixel unshuffle), so the token grid matches an SD-VAE's and a DINOv2
@@ -22,23 +24,33 @@ checkpoints so the same codec can be rebuilt later):
   is what lets a tiny SiT learn in minutes; lossless up to the discarded components;
 * ``"random-tiny"``: a tiny ``AutoencoderKL`` with random weights (seed 0), for tests only.
 
+Identity (``Autoencoder.identity``, ``codec_identity(spec)``): family (``sd-vae``,
+``autoencoder-kl``, ``pca``, ``identity``, ``random-tiny``), variant (``ft-mse`` / ``ft-ema`` for
+SD-VAEs), source (hub id or absolute path), scale, bias, channels, downsample.
+``decoder_for(identity_or_spec, vae, vae_path)`` decides what decodes such latents: SD-VAE
+latents (hub id or a local copy) decode with the EMA decoder unless ``--vae`` / ``--vae-path``
+say otherwise; every other codec decodes with itself.
+
 Offline use: the environment variable ``REG_VAE_PATH`` may point at a local copy, either a
 diffusers directory / single file used for every Hugging Face spec, or a folder holding one
 sub-directory per model named like the id's last part (``sd-vae-ft-mse/``, ``sd-vae-ft-ema/``).
 """
 from __future__ import annotations
 
+import json
 import os
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 SD_VAE_SCALE = 0.18215   # latent scaling of the Stable Diffusion VAE (release: hard-coded)
 SD_VAE_BIAS = 0.0
-
+SD_VAE_IDS = {"ft-mse": "stabilityai/sd-vae-ft-mse", "ft-ema": "stabilityai/sd-vae-ft-ema"}
+RELEASE_ENCODER = SD_VAE_IDS["ft-mse"]      # what the release's encode step uses
 VAE_ALIASES = {
-    "ema": "stabilityai/sd-vae-ft-ema",
-    "mse": "stabilityai/sd-vae-ft-mse",
+    "ema": SD_VAE_IDS["ft-ema"],
+    "mse": SD_VAE_IDS["ft-mse"],
 }
 ENV_VAE_PATH = "REG_VAE_PATH"
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -211,30 +223,314 @@ def sample_latents(moments: torch.Tensor, scale: float, bias: float,
 
 
 #################################################################################
+#                                   Codecs                                       #
+#################################################################################
+
+def _sd_vae_variant(*hints) -> str | None:
+    """'ft-mse' / 'ft-ema' when a name or path says which SD-VAE it is."""
+    for h in hints:
+        h = str(h or "").lower()
+        for variant, hub_id in SD_VAE_IDS.items():
+            if hub_id.split("/")[-1] in h:
+                return variant
+    return None
+
+
+def _looks_like_sd_vae(channels, downsample, scale, bias) -> bool:
+    return channels == 4 and downsample == 8 and scale == SD_VAE_SCALE and not bias
+
+
+class Codec:
+    """pixels in [-1, 1] <-> raw latents, plus the identity recorded with the latents."""
+    family: ClassVar[str] = ""
+
+    def __init__(self, spec: str, *, latent_channels: int, downsample: int, scale: float, bias: float,
+                 source: str | None = None, variant: str | None = None):
+        self.spec = spec
+        self.latent_channels = int(latent_channels)
+        self.downsample = int(downsample)
+        self.scale = float(scale)
+        self.bias = float(bias)
+        self.source = source
+        self.variant = variant
+
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, spec: str) -> "Codec":
+        raise NotImplementedError
+
+    def to(self, device, dtype) -> "Codec":
+        return self
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) float32 in [-1, 1] -> posterior (mean, std), each (N, C, H/f, W/f)."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents (N, C, h, w) -> pixels (N, 3, H, W), roughly in [-1, 1]."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        return {"family": self.family, "variant": self.variant, "spec": self.spec, "source": self.source,
+                "scale": self.scale, "bias": self.bias, "latent_channels": self.latent_channels,
+                "downsample": self.downsample}
+
+
+class PixelCodec(Codec):
+    """'identity' / 'identity-fN': pixels folded into 3 N^2 channels (pixel unshuffle), std 0."""
+    family = "identity"
+
+    @classmethod
+    def matches(cls, spec):
+        return spec == "identity" or spec.startswith("identity-f")
+
+    @classmethod
+    def build(cls, spec):
+        f = 1 if spec == "identity" else spec.removeprefix("identity-f")
+        if not str(f).isdigit() or int(f) < 1:
+            raise ValueError(f"bad autoencoder spec {spec!r}: use 'identity' or 'identity-fN' with N a positive integer")
+        f = int(f)
+        return cls(spec, latent_channels=3 * f * f, downsample=f, scale=1.0, bias=0.0)
+
+    def encode(self, x):
+        x = F.pixel_unshuffle(x, self.downsample)                      # (N, 3 f^2, H/f, W/f)
+        return x, torch.zeros_like(x)
+
+    def decode(self, latents):
+        return F.pixel_shuffle(latents, self.downsample)
+
+
+class PCACodec(Codec):
+    """'pca:FILE': the linear patch codec of fit-pca (std 0)."""
+    family = "pca"
+
+    def __init__(self, spec, pca: "PatchPCA", **kw):
+        super().__init__(spec, **kw)
+        self.pca = pca
+
+    @classmethod
+    def matches(cls, spec):
+        return spec.startswith(PCA_PREFIX)
+
+    @classmethod
+    def build(cls, spec):
+        path = os.path.abspath(os.path.expanduser(spec.removeprefix(PCA_PREFIX)))
+        st = _load_patch_pca(path)
+        # recorded absolute, so checkpoints and manifests rebuild it from any directory
+        return cls(PCA_PREFIX + path, PatchPCA(st["components"], st["mean"], st["factor"]),
+                   latent_channels=st["channels"], downsample=st["factor"], scale=st["scale"], bias=0.0, source=path)
+
+    def to(self, device, dtype):
+        self.pca.to(device)
+        return self
+
+    def encode(self, x):
+        mean = self.pca.encode(x)                                      # (N, C, h, w)
+        return mean, torch.zeros_like(mean)
+
+    def decode(self, latents):
+        return self.pca.decode(latents.to(self.pca.components.device, torch.float32))
+
+
+class KLCodec(Codec):
+    """A diffusers AutoencoderKL (a Hugging Face id, a local folder or a single file), any size.
+
+    Scale and shift come from its config: z = (latent - shift_factor) * scaling_factor, i.e.
+    scale = scaling_factor, bias = -shift_factor * scaling_factor (SD-VAE: 0.18215, 0)."""
+    family = "autoencoder-kl"
+
+    def __init__(self, spec, vae, family: str, **kw):
+        super().__init__(spec, **kw)
+        self.vae = vae.eval().requires_grad_(False)
+        self.family = family
+
+    @classmethod
+    def matches(cls, spec):
+        return True                                  # anything else is a model to load
+
+    @classmethod
+    def build(cls, spec):
+        if os.path.exists(spec):
+            source = os.path.abspath(spec)           # recorded absolute, like pca:FILE
+            vae = _load_autoencoder_kl(spec, spec)
+            spec = source
+        elif spec.lower().endswith(SINGLE_FILE_EXTS) or spec.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"VAE path {spec} does not exist")
+        else:
+            source = VAE_ALIASES.get(spec, spec)
+            local = _resolve_env_copy(source)
+            vae = _load_autoencoder_kl(local if local else source, source)
+        return cls.from_vae(spec, vae, source)
+
+    @classmethod
+    def from_vae(cls, spec, vae, source, family=None):
+        cfg = vae.config
+        if getattr(cfg, "latents_mean", None) is not None or getattr(cfg, "latents_std", None) is not None:
+            raise ValueError(f"VAE {source} normalises its latents per channel (latents_mean / latents_std); "
+                             f"only one scaling_factor and shift_factor are supported")
+        # diffusers' config default for scaling_factor is the SD-VAE value; SD-VAE's configs agree.
+        scale = getattr(cfg, "scaling_factor", None) or SD_VAE_SCALE
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        bias = -shift * scale if shift else SD_VAE_BIAS
+        downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        parts = (source or "").replace("\\", "/").split("/")
+        variant = _sd_vae_variant(spec, *parts, getattr(cfg, "_name_or_path", None))
+        if family is None:
+            family = "sd-vae" if variant and _looks_like_sd_vae(cfg.latent_channels, downsample, scale, bias) \
+                else "autoencoder-kl"
+        return cls(spec, vae, family, latent_channels=cfg.latent_channels, downsample=downsample, scale=scale,
+                   bias=bias, source=source, variant=variant if family == "sd-vae" else None)
+
+    def to(self, device, dtype):
+        # dtype only when it changes: diffusers warns about any dtype cast, even a no-op one.
+        if self.vae.dtype != dtype:
+            self.vae.to(dtype=dtype)
+        self.vae.to(device)
+        return self
+
+    def encode(self, x):
+        dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def decode(self, latents):
+        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype)).sample.float()
+
+
+class RandomTinyCodec(KLCodec):
+    """'random-tiny': a 4-channel /8 AutoencoderKL, a few thousand random parameters (seed 0)."""
+
+    @classmethod
+    def matches(cls, spec):
+        return spec == "random-tiny"
+
+    @classmethod
+    def build(cls, spec):
+        return cls.from_vae(spec, _random_tiny_autoencoder_kl(), None, family="random-tiny")
+
+
+CODECS: list[type[Codec]] = [PCACodec, PixelCodec, RandomTinyCodec, KLCodec]   # first match builds
+
+
+def _codec_class(spec: str) -> type[Codec]:
+    return next(c for c in CODECS if c.matches(spec))
+
+
+#################################################################################
+#                         Identity without loading; decoders                     #
+#################################################################################
+
+def _kl_config(folder: str) -> dict | None:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def codec_identity(spec: str | None) -> dict:
+    """The identity of a codec spec, from the spec (and a local folder's config.json) alone.
+    For old manifests and checkpoints that recorded only a spec; None means the release's
+    latents (stabilityai/sd-vae-ft-mse)."""
+    spec = RELEASE_ENCODER if spec is None else spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"codec spec must be a non-empty string, got {spec!r}")
+    cls = _codec_class(spec)
+    if cls is PixelCodec:
+        return PixelCodec.build(spec).identity()
+    if cls is RandomTinyCodec:
+        return {"family": "random-tiny", "variant": None, "spec": spec, "source": None, "scale": SD_VAE_SCALE,
+                "bias": SD_VAE_BIAS, "latent_channels": 4, "downsample": 8}
+    if cls is PCACodec:
+        path = os.path.abspath(os.path.expanduser(spec.removeprefix(PCA_PREFIX)))
+        ident = {"family": "pca", "variant": None, "spec": PCA_PREFIX + path, "source": path, "scale": None,
+                 "bias": 0.0, "latent_channels": None, "downsample": None}
+        if os.path.isfile(path):
+            st = _load_patch_pca(path)
+            ident.update(scale=float(st["scale"]), latent_channels=int(st["channels"]), downsample=int(st["factor"]))
+        return ident
+    local = os.path.isabs(spec) or spec.startswith((".", "~")) or os.path.exists(spec)
+    source = os.path.abspath(os.path.expanduser(spec)) if local else VAE_ALIASES.get(spec, spec)
+    cfg = _kl_config(source) if local and os.path.isdir(source) else None
+    variant = _sd_vae_variant(spec, *source.replace("\\", "/").split("/"), (cfg or {}).get("_name_or_path"))
+    if cfg is not None:
+        scale = cfg.get("scaling_factor") or SD_VAE_SCALE
+        shift = cfg.get("shift_factor") or 0.0
+        channels, down = cfg.get("latent_channels"), 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+        bias = -shift * scale if shift else SD_VAE_BIAS
+        sd = variant is not None and _looks_like_sd_vae(channels, down, scale, bias)
+    elif variant is not None:        # a hub id or a (gone) path named after an SD-VAE
+        scale, bias, channels, down, sd = SD_VAE_SCALE, SD_VAE_BIAS, 4, 8, True
+    else:
+        scale = bias = channels = down = None
+        sd = False
+    return {"family": "sd-vae" if sd else "autoencoder-kl", "variant": variant if sd else None,
+            "spec": source if local else spec, "source": source, "scale": scale, "bias": bias,
+            "latent_channels": channels, "downsample": down}
+
+
+def decoder_for(identity_or_spec, vae: str | None = None, vae_path: str | None = None) -> str:
+    """The spec of the decoder for latents made by a codec (its identity dict or spec string).
+
+    SD-VAE latents (hub id or a local copy) decode with the EMA-fine-tuned decoder ('ema', as the
+    release; REG_VAE_PATH for an offline copy) unless ``vae`` ('ema' / 'mse') or ``vae_path`` (a
+    local AutoencoderKL folder or file) is given; other AutoencoderKLs decode with themselves
+    (or a copy at ``vae_path``); pca / identity / random-tiny decode with themselves only.
+    """
+    ident = identity_or_spec if isinstance(identity_or_spec, dict) else codec_identity(identity_or_spec)
+    family, spec, source = ident.get("family"), ident.get("spec"), ident.get("source")
+    if family in ("pca", "identity", "random-tiny"):
+        if vae is not None or vae_path is not None:
+            flag = "--vae" if vae is not None else "--vae-path"
+            raise ValueError(f"{flag}: these latents were made by {spec!r}, which decodes with itself; drop {flag}")
+        return spec
+    if vae_path is not None:
+        path = os.path.abspath(os.path.expanduser(vae_path))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--vae-path {path} does not exist; point it at a local AutoencoderKL "
+                                    f"folder (config.json + weights) or single file")
+        cfg = _kl_config(path) if os.path.isdir(path) else None
+        if cfg is not None and ident.get("latent_channels") is not None:
+            down = 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+            if (cfg.get("latent_channels"), down) != (ident["latent_channels"], ident["downsample"]):
+                raise ValueError(f"--vae-path {path} makes {cfg.get('latent_channels')}-channel /{down} latents but "
+                                 f"these are {ident['latent_channels']}-channel /{ident['downsample']} ({source})")
+        return path
+    if family == "sd-vae":
+        if vae is None:
+            if ident.get("variant") == "ft-ema" and source and os.path.isabs(source) and os.path.exists(source):
+                return source                 # a local copy of the EMA decoder itself
+            return "ema"
+        if vae in VAE_ALIASES or vae in SD_VAE_IDS.values():
+            return vae
+        raise ValueError(f"--vae {vae!r}: choose ema or mse (the SD-VAE decoders), or give --vae-path")
+    if vae is not None:
+        raise ValueError(f"--vae {vae}: these latents were made by {source}, not an SD-VAE; drop --vae, or "
+                         f"point --vae-path at a copy of that autoencoder")
+    if source and os.path.isabs(source) and not os.path.exists(source):
+        raise FileNotFoundError(f"these latents were made by the autoencoder at {source}, which no longer exists; "
+                                f"point --vae-path at a copy of it (or --vae ema|mse for SD-VAE latents)")
+    return spec
+
+
+#################################################################################
 #                                 Autoencoder                                    #
 #################################################################################
 
 class Autoencoder:
-    """Wraps an image <-> latent codec and its latent scaling: z = latent * scale + bias.
+    """A codec and its latent scaling: z = latent * scale + bias.
 
     encode_moments stores what the release stores (the posterior's [mean, std] on channels);
     sample draws the training input from it; decode inverts the scaling and runs the decoder.
     """
 
-    def __init__(self, spec: str, vae=None, *, latent_channels: int, downsample: int,
-                 scale: float, bias: float, device="cpu", dtype=torch.float32, pca: PatchPCA | None = None):
-        self.spec = spec
-        self.vae = vae                      # diffusers AutoencoderKL, or None for "identity"/"pca:"
-        self.pca = pca.to(device) if pca is not None else None
-        self.latent_channels = int(latent_channels)
-        self.downsample = int(downsample)
-        self.scale = float(scale)
-        self.bias = float(bias)
+    def __init__(self, codec: Codec, device="cpu", dtype=torch.float32):
+        self.codec = codec
         self.device = torch.device(device)
         self.dtype = dtype
-        if self.vae is not None:
-            self.vae = self.vae.eval().requires_grad_(False)
-            self._move_vae()
+        self.codec.to(self.device, self.dtype)
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -242,60 +538,50 @@ class Autoencoder:
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError("autoencoder spec must be a non-empty string such as 'mse', 'ema', "
                              "a Hugging Face id, a local path, 'identity', 'pca:FILE' or 'random-tiny'")
-        if spec.startswith(PCA_PREFIX):
-            path = os.path.abspath(os.path.expanduser(spec.removeprefix(PCA_PREFIX)))
-            st = _load_patch_pca(path)
-            pca = PatchPCA(st["components"], st["mean"], st["factor"])
-            # recorded absolute, so checkpoints and manifests rebuild it from any directory
-            return cls(PCA_PREFIX + path, None, latent_channels=st["channels"], downsample=st["factor"],
-                       scale=st["scale"], bias=0.0, device=device, dtype=dtype, pca=pca)
-        if spec == "identity" or spec.startswith("identity-f"):
-            f = 1 if spec == "identity" else spec.removeprefix("identity-f")
-            if not str(f).isdigit() or int(f) < 1:
-                raise ValueError(f"bad autoencoder spec {spec!r}: use 'identity' or 'identity-fN' with N a positive integer")
-            f = int(f)
-            return cls(spec, None, latent_channels=3 * f * f, downsample=f, scale=1.0, bias=0.0,
-                       device=device, dtype=dtype)
-        if spec == "random-tiny":
-            vae = _random_tiny_autoencoder_kl()
-        elif os.path.exists(spec):
-            vae = _load_autoencoder_kl(spec, spec)
-            spec = os.path.abspath(spec)   # recorded absolute, like pca:FILE
-        elif spec.lower().endswith(SINGLE_FILE_EXTS) or spec.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"VAE path {spec} does not exist")
-        else:
-            hf_id = VAE_ALIASES.get(spec, spec)
-            local = _resolve_env_copy(hf_id)
-            vae = _load_autoencoder_kl(local if local else hf_id, hf_id)
-        return cls._from_autoencoder_kl(spec, vae, device, dtype)
+        return cls(_codec_class(spec).build(spec), device=device, dtype=dtype)
 
-    @classmethod
-    def _from_autoencoder_kl(cls, spec, vae, device, dtype) -> "Autoencoder":
-        cfg = vae.config
-        # diffusers' config default for scaling_factor is the SD-VAE value; SD-VAE's configs agree.
-        scale = getattr(cfg, "scaling_factor", None) or SD_VAE_SCALE
-        bias = getattr(cfg, "shift_factor", None) or SD_VAE_BIAS
-        downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        return cls(spec, vae, latent_channels=cfg.latent_channels, downsample=downsample,
-                   scale=scale, bias=bias, device=device, dtype=dtype)
+    @property
+    def spec(self) -> str:
+        return self.codec.spec
+
+    @property
+    def latent_channels(self) -> int:
+        return self.codec.latent_channels
+
+    @property
+    def downsample(self) -> int:
+        return self.codec.downsample
+
+    @property
+    def scale(self) -> float:
+        return self.codec.scale
+
+    @property
+    def bias(self) -> float:
+        return self.codec.bias
+
+    @property
+    def vae(self):
+        """The diffusers AutoencoderKL, or None (identity, pca)."""
+        return getattr(self.codec, "vae", None)
+
+    @property
+    def pca(self):
+        return getattr(self.codec, "pca", None)
+
+    @property
+    def identity(self) -> dict:
+        """What made these latents: family, variant, spec, source, scale, bias, channels, downsample."""
+        return self.codec.identity()
 
     def to(self, device=None, dtype=None) -> "Autoencoder":
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype if dtype is not None else self.dtype
-        if self.vae is not None:
-            self._move_vae()
-        if self.pca is not None:
-            self.pca.to(self.device)
+        self.codec.to(self.device, self.dtype)
         return self
 
-    def _move_vae(self):
-        # dtype only when it changes: diffusers warns about any dtype cast, even a no-op one.
-        if self.vae.dtype != self.dtype:
-            self.vae.to(dtype=self.dtype)
-        self.vae.to(self.device)
-
     def __repr__(self):
-        return (f"Autoencoder(spec={self.spec!r}, latent_channels={self.latent_channels}, "
+        return (f"Autoencoder(spec={self.spec!r}, family={self.codec.family!r}, latent_channels={self.latent_channels}, "
                 f"downsample={self.downsample}, scale={self.scale}, bias={self.bias})")
 
     # ---------------------------------------------------------------- codec
@@ -310,14 +596,8 @@ class Autoencoder:
             raise ValueError(f"image size {h}x{w} is not divisible by the autoencoder's "
                              f"downsampling factor {self.downsample}")
         x = images.to(self.device, torch.float32) / 127.5 - 1          # (N, 3, H, W) in [-1, 1]
-        if self.pca is not None:
-            mean = self.pca.encode(x)                                   # (N, C, h, w)
-            return torch.cat([mean, torch.zeros_like(mean)], dim=1)     # (N, 2C, h, w): std 0
-        if self.vae is None:
-            x = F.pixel_unshuffle(x, self.downsample)                   # (N, 3 f^2, H/f, W/f)
-            return torch.cat([x, torch.zeros_like(x)], dim=1)           # (N, 2C, h, w): std 0
-        dist = self.vae.encode(x.to(self.dtype)).latent_dist
-        return torch.cat([dist.mean, dist.std], dim=1).float()          # (N, 2C, h, w)
+        mean, std = self.codec.encode(x)
+        return torch.cat([mean, std], dim=1).float()                    # (N, 2C, h, w)
 
     def sample(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """[mean, std] (N, 2C, h, w) -> z = (mean + std * eps) * scale + bias, (N, C, h, w)."""
@@ -329,13 +609,7 @@ class Autoencoder:
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, C, h, w) -> images (N, 3, H, W), roughly in [-1, 1]."""
-        latents = (z - self.bias) / self.scale
-        if self.pca is not None:
-            return self.pca.decode(latents.to(self.device, torch.float32))
-        if self.vae is None:
-            return F.pixel_shuffle(latents, self.downsample)
-        out = self.vae.decode(latents.to(self.device, self.dtype)).sample
-        return out.float()
+        return self.codec.decode((z - self.bias) / self.scale)
 
     @staticmethod
     def to_uint8(x: torch.Tensor) -> torch.Tensor:

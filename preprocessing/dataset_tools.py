@@ -439,8 +439,9 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
             num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
             finish_step(dest, {
                 "kind": "latents", "format": FORMAT_VERSION, "params": params,
-                # the codec's canonical spec (local paths absolute): training rebuilds it from any cwd
-                "autoencoder": ae.spec,
+                # the codec's canonical spec (local paths absolute): training rebuilds it from any cwd,
+                # and its identity (family, variant, source, ...): models.autoencoder.decoder_for reads it
+                "autoencoder": ae.spec, "codec": ae.identity,
                 "scale": ae.scale, "bias": ae.bias, "latent_channels": ae.latent_channels,
                 "downsample": ae.downsample, "moments_shape": moments_shape, "dtype": "float32",
                 "resolution": resolution, "num_files": len(outputs), "num_classes": int(num_classes)})
@@ -496,14 +497,22 @@ def chunk_name(c: int) -> str:
     return f"chunk-{c:06d}.npy"
 
 
+FEATURES_FORMAT = 2      # 2: encoder record (family, preprocessing, token rules), weights record, storage dtype
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
 def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | None = None,
                    batch_size: int = 64, chunk_size: int | None = None, workers: int = 4,
-                   device: str | None = None, enc_weights: str | None = None, precision: str = "fp16") -> dict:
-    """Images -> fp16 encoder outputs in chunks of chunk_size images, in sorted image-name order.
+                   device: str | None = None, enc_weights: str | None = None, precision: str = "fp16",
+                   dtype: str = "float16") -> dict:
+    """Images -> encoder outputs in chunks of chunk_size images, in sorted image-name order.
 
-    kind 'cls': (n, Z) class tokens; kind 'full': (n, 1 + T, Z) class + patch tokens.
+    kind 'cls': (n, Z) global tokens; kind 'full': (n, 1 + T, Z) global + patch tokens.
+    dtype: how they are stored (float16, as before, or float32). precision: fp16 autocast on GPU.
+    The manifest records the encoder (name, family, preprocessing, token rules) and where its
+    weights came from (path and sha256); rerunning into the folder with anything else is refused.
     """
-    from models.encoders import load_encoders, parse_enc_types
+    from models.encoders import encoder_record, load_encoders, parse_enc_types, weights_record
 
     names = parse_enc_types(enc_type)
     if len(names) != 1:
@@ -513,6 +522,8 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         raise ValueError(f"--kind must be 'cls' or 'full', got {kind!r}")
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"--precision must be fp16 or fp32, got {precision!r}")
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"--dtype must be float16 or float32, got {dtype!r}")
     chunk_size = chunk_size or (1024 if kind == "cls" else 64)
     if batch_size <= 0 or chunk_size <= 0:
         raise ValueError("--batch-size and --chunk-size must be positive")
@@ -525,9 +536,12 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
     try:
         resolution = _source_resolution(src, src_manifest)
         keys = [image_key(f) for f in src.files]
+        record = encoder_record(enc_type, resolution)
+        weights = weights_record(enc_type, enc_weights)       # one-line error when they cannot be found
         params = {"source": src.path, "source_fingerprint": src.fingerprint(), "encoder": enc_type, "kind": kind,
-                  "chunk_size": chunk_size, "precision": precision, "resolution": resolution,
-                  "enc_weights": os.path.abspath(enc_weights) if enc_weights else None}
+                  "chunk_size": chunk_size, "precision": precision, "dtype": dtype, "resolution": resolution,
+                  "preprocessing": record["preprocessing"], "weights_sha256": weights.get("sha256"),
+                  "weights": weights.get("path") or weights.get("model") or weights.get("source")}
         status = open_step(dest, "features", params, write=False)
         if status == "complete":
             return {"status": status, "written_chunks": 0, "dest": dest}
@@ -545,6 +559,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         rels = [src.files[i] for c in todo for i in range(*bounds[c])]
         autocast = torch.autocast(ranks.device.type, dtype=torch.float16,
                                   enabled=precision == "fp16" and ranks.device.type == "cuda")
+        store = FEATURE_DTYPES[dtype]
         pending, filled, current = [], 0, 0
         with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
             for pos, images in _batches(src, rels, batch_size, workers, ranks.device):
@@ -552,7 +567,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
                 x = torch.stack(images).to(ranks.device, non_blocking=True)     # (B, 3, R, R) uint8
                 with autocast:
                     cls, tokens = encoder(x)                                      # (B, Z), (B, 1 + T, Z)
-                out = (cls if kind == "cls" else tokens).half().cpu().numpy()
+                out = (cls if kind == "cls" else tokens).float().cpu().numpy().astype(store)
                 pending.append(out)
                 filled += len(out)
                 bar.update(len(pos))
@@ -571,9 +586,10 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
                                  f"failed? rerun the same command")
             item_shape = [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]
             finish_step(dest, {
-                "kind": "features", "format": FORMAT_VERSION, "params": params, "encoder": enc_type,
+                "kind": "features", "format": FORMAT_VERSION, "features_format": FEATURES_FORMAT, "params": params,
+                "encoder": enc_type, "family": record["family"], "encoder_record": record, "weights": weights,
                 "feature_kind": kind, "embed_dim": encoder.embed_dim, "num_tokens": encoder.num_tokens,
-                "item_shape": item_shape, "dtype": "float16", "resolution": resolution,
+                "item_shape": item_shape, "dtype": dtype, "resolution": resolution,
                 "chunk_size": chunk_size, "num_chunks": num_chunks, "num_images": len(keys), "keys": keys})
         ranks.barrier()
         return {"status": status, "written_chunks": len(todo), "dest": dest}
@@ -671,15 +687,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(_run=lambda a: fit_pca(a.source, a.dest, a.factor, a.channels, a.max_images, a.batch_size,
                                           a.workers), _parser=q)
 
-    f = sub.add_parser("cache-features", help="PNG folder -> fp16 encoder outputs (class token or all tokens)")
+    f = sub.add_parser("cache-features", help="PNG folder -> encoder outputs (global token or all tokens)")
     f.add_argument("--source", required=True, help="images folder from convert")
-    f.add_argument("--enc-type", required=True, type=_enc_type, help="one encoder, e.g. dinov2-vit-b")
+    f.add_argument("--enc-type", required=True, type=_enc_type,
+                   help="one encoder, e.g. dinov2-vit-b, clip-vit-L, mocov3-vit-b, mae-vit-l, jepa-vit-h")
     f.add_argument("--kind", default="full", choices=("cls", "full"),
-                   help="cls: class token only (small); full: class + patch tokens (default)")
+                   help="cls: global (class) token only (small); full: global + patch tokens (default)")
     f.add_argument("--dest", default=None, help="default: features-<enc>-<kind>/ next to --source")
     f.add_argument("--enc-weights", default=None,
-                   help="local DINOv2 weights file, folder of official .pth files, or dinov2 clone "
-                        "(else env REG_DINOV2_WEIGHTS / REG_DINOV2_REPO, else torch.hub)")
+                   help="the encoder's weights file in its published layout, or a folder holding it (DINOv2: "
+                        "also a dinov2 clone); else the family's env variable (REG_DINOV2_WEIGHTS, "
+                        "REG_CLIP_WEIGHTS, REG_MOCOV3_WEIGHTS, REG_MAE_WEIGHTS, REG_DINOV1_WEIGHTS, "
+                        "REG_JEPA_WEIGHTS); DINOv2 falls back to REG_DINOV2_REPO / torch.hub")
     f.add_argument("--batch-size", type=_positive_int, default=64)
     f.add_argument("--chunk-size", type=_positive_int, default=None,
                    help="images per output file (default 1024 for cls, 64 for full)")
@@ -687,8 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     f.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
                    help="autocast dtype on GPU (as the release's fp16 training); CPU runs fp32")
+    f.add_argument("--dtype", default="float16", choices=tuple(FEATURE_DTYPES),
+                   help="how the outputs are stored (float16, the default, halves the size: ~2e-4 relative rounding)")
     f.set_defaults(_run=lambda a: cache_features(a.source, a.enc_type, a.kind, a.dest, a.batch_size, a.chunk_size,
-                                                 a.workers, a.device, a.enc_weights, a.precision), _parser=f)
+                                                 a.workers, a.device, a.enc_weights, a.precision, a.dtype),
+                   _parser=f)
     return p
 
 

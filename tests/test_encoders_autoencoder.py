@@ -211,7 +211,7 @@ def test_parse_enc_types():
     assert parse_enc_types(["random-vit-tiny"]) == ["random-vit-tiny"]
     assert ENCODER_WIDTHS["dinov2-vit-b"] == 768 and ENCODER_WIDTHS["dinov2-vit-g-reg"] == 1536
     with pytest.raises(ValueError, match="choose from"):
-        parse_enc_types("clip-vit-L")
+        parse_enc_types("clip-vit-Q")
     with pytest.raises(ValueError, match="twice"):
         parse_enc_types("dinov2-vit-b,dinov2-vit-b")
     with pytest.raises(ValueError, match="no encoder"):

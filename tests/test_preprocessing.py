@@ -398,7 +398,7 @@ def test_cache_features_round_trip_and_resume(images_dir, tmp_path, monkeypatch,
 
 
 def test_cache_features_bad_inputs(images_dir, tmp_path, capsys):
-    _fails(["cache-features", "--source", images_dir, "--enc-type", "clip-vit-L"], capsys, "choose from")
+    _fails(["cache-features", "--source", images_dir, "--enc-type", "clip-vit-Q"], capsys, "choose from")
     _fails(["cache-features", "--source", images_dir, "--enc-type", "random-vit-tiny,dinov2-vit-b"], capsys,
            "one encoder per run")
     _fails(["cache-features", "--source", tmp_path / "nope", "--enc-type", "random-vit-tiny"], capsys,
