@@ -812,3 +812,25 @@ def test_per_image_noise_moves_through_pinned_memory(monkeypatch):
         monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(k.get("non_blocking")) or self)
         real_to_device(torch.zeros(1), "cuda")
         assert calls == ["pin", True]
+
+
+def test_existing_sidecars_still_resume(ckpts, tmp_path, capsys, monkeypatch):
+    """A folder whose config.json predates a model option recorded at its default (or spells the seed
+    global_seed, as all sidecars do) resumes; a real difference is still refused."""
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 3, "--per-proc-batch-size", 2, *SDE]
+    full, _, _ = run(tmp_path / "ref", *argv)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):     # interrupted before any shard
+        m.setattr(generate, "write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        run(tmp_path, *argv)
+    config = tmp_path / "run" / "config.json"
+    stored = json.loads(config.read_text())
+    assert stored["key"]["global_seed"] == 0
+    del stored["key"]["model_config"]["qk_norm"]              # written before the option existed (default off)
+    config.write_text(json.dumps(stored))
+    images, _, meta = run(tmp_path, *argv)
+    np.testing.assert_array_equal(images, full)
+    assert "qk_norm" not in meta["key"]["model_config"]       # the stored spelling is kept
+    os.remove(tmp_path / "run.json")
+    stored["key"]["model_config"]["num_classes"] = 7           # not a default: a different model
+    config.write_text(json.dumps(stored))
+    assert "num_classes" in fails(capsys, "--sample-dir", tmp_path, "--name", "run", *argv)

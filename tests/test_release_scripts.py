@@ -172,3 +172,24 @@ def test_evaluator_activations_from_two_processes_equal_one(tmp_path):
     one = evaluator.evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz", inception_weights=weights, batch_size=2,
                              device="cpu", fid_method="lowrank")
     assert two == one
+
+
+def test_our_eval_sh_samples_with_its_variables(tmp_path):
+    """This repository's eval.sh (torchrun, our flag names), sample-only (REF_BATCH empty), one process."""
+    from checkpoint import save_checkpoint
+
+    model = randomize_weights_(build_sit(2, input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2,
+                                         num_heads=2, num_classes=5, z_dims=[16], projector_dim=32,
+                                         encoder_depth=1, cls_token_dim=16), 3)
+    ckpt = tmp_path / "exp" / "checkpoints" / "0000010.pt"
+    save_checkpoint(dict(model=model.state_dict(), ema=model.state_dict(), opt={}, steps=10, args={"path_type": "linear"},
+                         model_config=model.config, autoencoder="identity"), str(ckpt))
+    env = _env(CKPT=str(ckpt), REF_BATCH="", NUM_GPUS="1", PER_PROC_BATCH="2", NUM_STEPS="2", NUM_SAMPLES="3",
+               SEED="5", PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "eval.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-5000:]
+    name = "0000010-sde-2-cfg-2.3-cls-2.3-gi-0.0-0.85-seed-5"
+    assert f"samples in {tmp_path / 'exp' / 'samples' / name}.npz" in r.stdout
+    meta = json.loads((tmp_path / "exp" / "samples" / f"{name}.json").read_text())
+    assert meta["key"]["global_seed"] == 5 and meta["num_images"] == 3
