@@ -405,10 +405,14 @@ def test_evaluator_object_gives_evaluate_numbers_and_accepts_gathered_activation
     monkeypatch.setattr(evaluator, "reference_activations", lambda *a, **k: reads.append(1) or real_reference(*a, **k))
     ev = evaluator.Evaluator(files["ref"], weights, device="cpu", batch_size=2, fid_method="lowrank")
     assert reads == []                                          # lazy: a process that only computes activations
-    acts = ev.activations(sample)
-    assert {k: v.shape for k, v in acts.items()} == {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}
+    computed = []
+    real_activations = ev.activations
+    ev.activations = lambda imgs: computed.append(real_activations(imgs)) or computed[-1]
     assert ev.evaluate(sample) == from_file
+    acts = computed[0]
+    assert {k: v.shape for k, v in acts.items()} == {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}
     parts = [{k: v[:1] for k, v in acts.items()}, {k: v[1:] for k, v in acts.items()}, ev.activations(sample[:0])]
+    assert parts[2]["pool"].shape == (0, 2048)
     assert ev.metrics_from_activations(parts) == from_file
     assert built == [1]                                         # Inception loaded once
     assert reads == [1]                                         # the reference was read once
