@@ -7,6 +7,9 @@
 #
 # Sampling is resumable: rerun the same command after an interruption. The samples land in
 # $SAMPLE_DIR/$NAME.npz (+ $NAME.json, the settings); the evaluator writes $NAME.metrics.json next to them.
+# The REG release's own eval.sh (python -m torch.distributed.launch ... generate.py ... --cls=768, then
+# evaluations/evaluator.py --ref_batch ... --save_path ...) also runs as it is: generate.py names its output
+# as the release does and the evaluator writes the release's results file.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
 
@@ -32,7 +35,7 @@ SEED=${SEED:-0}
 
 # ---- decoder: empty VAE = the checkpoint's own codec, or sd-vae-ft-ema for SD-VAE latents ----
 VAE=${VAE:-}                    # ema | mse
-VAE_PATH=${VAE_PATH:-}          # local diffusers AutoencoderKL folder (no network)
+VAE_PATH=${VAE_PATH:-}          # local diffusers AutoencoderKL folder (no network; or export REG_VAE_PATH)
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}      # e.g. "--class-balanced" or "--seed-scheme release"
 
@@ -60,7 +63,7 @@ gen_args=(
     --cls-cfg-scale "$CLS_CFG_SCALE"
     --guidance-low "$GUIDANCE_LOW"
     --guidance-high "$GUIDANCE_HIGH"
-    --global-seed "$SEED"
+    --seed "$SEED"
 )
 if [[ -n "$VAE" ]]; then gen_args+=(--vae "$VAE"); fi
 if [[ -n "$VAE_PATH" ]]; then gen_args+=(--vae-path "$VAE_PATH"); fi

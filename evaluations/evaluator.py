@@ -32,13 +32,14 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evaluations import inception, metrics  # noqa: E402
-from fileio import atomic_save_npz, atomic_write_json, file_sha256  # noqa: E402
+from fileio import atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 64  # ADM's default; results do not depend on it
 IS_SPLIT_SIZE = 5000
 PR_NEIGHBOURS = 3
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 FID_METHODS = ("adm", "lowrank")
+FID_METHOD_ENV = "REG_FID_METHOD"
 
 
 def _log(msg: str) -> None:
@@ -259,6 +260,163 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_fid_method() -> str:
+    """$REG_FID_METHOD if set (e.g. lowrank for CPU smoke runs of scripts whose command lines are fixed),
+    else adm."""
+    return os.environ.get(FID_METHOD_ENV) or "adm"
+
+
+def _check_images(images, role: str = "sample", min_images: int = 1) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] < 1 or images.shape[2] < 1:
+        raise ValueError(f"{role} images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(images) < min_images:
+        raise ValueError(
+            f"{role} batch has {len(images)} images; need at least {min_images} "
+            f"(covariances and k={PR_NEIGHBOURS} nearest neighbours)"
+        )
+    return images
+
+
+class Evaluator:
+    """ADM's five numbers against one reference batch, for repeated in-process use.
+
+        ev = Evaluator("VIRTUAL_imagenet256_labeled.npz", inception_weights, device="cuda")
+        ev.evaluate(images)          # uint8 (N, H, W, 3) -> {"inception_score", "fid", "sfid", "precision", "recall"}
+
+    Inception is loaded once and kept. The reference activations and statistics are read (or computed
+    once and cached next to the batch) on first use and kept, so a process that only computes
+    activations never touches the reference. Several processes: each runs ``activations(its images)``,
+    the caller gathers the dicts (in image order; the Inception Score splits by position) and one
+    process calls ``metrics_from_activations(list_of_dicts)``; the numbers equal a single process's on
+    the concatenated images. ``evaluate()`` (the CLI) goes through this class, so both give the same
+    numbers for the same images.
+    """
+
+    def __init__(
+        self,
+        ref_batch,
+        inception_weights=None,
+        device=None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        use_cache: bool = True,
+        fid_method: str | None = None,
+    ):
+        fid_method = fid_method or default_fid_method()
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if fid_method not in FID_METHODS:
+            raise ValueError(f"fid_method must be one of {FID_METHODS}, got {fid_method!r}")
+        self.ref_path = Path(ref_batch)
+        self.ref_shape = check_image_batch(self.ref_path, "reference")
+        self._stored_ref_stats = stored_statistics(self.ref_path, "reference")
+        self.batch_size, self.use_cache, self.fid_method = batch_size, use_cache, fid_method
+        self.weights = inception.resolve_weights_path(inception_weights)
+        self.device = torch.device(device if device is not None else default_device())
+        self.weights_sha256 = file_sha256(self.weights)
+        if not inception.is_published_weights(self.weights_sha256):
+            _log(
+                f"WARNING: {self.weights} is not the published Inception file (SHA-256 {self.weights_sha256[:8]}..., "
+                f"expected {inception.PUBLISHED_SHA256_PREFIX}...); the numbers are NOT comparable with ADM's"
+            )
+        self.model = inception.InceptionFeatures(self.weights, self.device)
+        self._ref_acts = self._ref_stats = None
+
+    # ---- reference (lazy, kept) ----
+    def reference(self) -> tuple[dict, tuple]:
+        """(reference activations {"pool", "spatial"}, ((mu, sigma), (mu_s, sigma_s))), computed once."""
+        if self._ref_acts is None:
+            _log("computing reference batch activations...")
+            self._ref_acts = reference_activations(
+                self.model, self.ref_path, self.batch_size, self.weights_sha256, self.use_cache
+            )
+            _log("computing/reading reference batch statistics...")
+            if self._stored_ref_stats is None:
+                self._ref_stats = (
+                    metrics.activation_statistics(self._ref_acts["pool"]),
+                    metrics.activation_statistics(self._ref_acts["spatial"]),
+                )
+            else:
+                _log(f"using mu/sigma/mu_s/sigma_s stored in {self.ref_path}")
+                self._ref_stats = self._stored_ref_stats
+        return self._ref_acts, self._ref_stats
+
+    # ---- samples ----
+    def activations(self, images) -> dict:
+        """uint8 images (N, H, W, 3) -> {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)},
+        computed batch_size at a time (N may be 0: empty arrays, e.g. a rank with no images)."""
+        images = _check_images(images, min_images=0)
+        out = {"pool": [], "spatial": [], "logits": []}
+        for start in range(0, len(images), self.batch_size):
+            feats = self.model(images[start : start + self.batch_size])
+            for key in out:
+                out[key].append(feats[key])
+        dims = {"pool": inception.POOL_DIM, "spatial": inception.SPATIAL_DIM, "logits": inception.NUM_LOGITS}
+        return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32) for k, v in out.items()}
+
+    def metrics_from_activations(self, acts, sample_stats=None) -> dict:
+        """The five numbers from sample activations: one dict, or a list of dicts (e.g. gathered from
+        several processes, in image order) that are concatenated. ``sample_stats`` ((mu, sigma),
+        (mu_s, sigma_s)) replaces the statistics of the activations for FID/sFID (ADM's rule for a
+        sample batch that stores them)."""
+        if isinstance(acts, (list, tuple)):
+            acts = {k: np.concatenate([a[k] for a in acts]) for k in ("pool", "spatial", "logits")}
+        _check_features_count(len(acts["pool"]))
+        ref_acts, ref_stats = self.reference()
+        _log("computing/reading sample batch statistics...")
+        if sample_stats is None:
+            sample_stats = (
+                metrics.activation_statistics(acts["pool"]),
+                metrics.activation_statistics(acts["spatial"]),
+            )
+        elif self.fid_method == "lowrank":
+            raise ValueError("fid_method 'lowrank' needs sample activations, but the sample batch stores mu/sigma")
+        _log("Computing evaluations...")
+        (mu, sigma), (mu_s, sigma_s) = sample_stats
+        (ref_mu, ref_sigma), (ref_mu_s, ref_sigma_s) = ref_stats
+        precision, recall = metrics.precision_recall(ref_acts["pool"], acts["pool"], k=PR_NEIGHBOURS, device=self.device)
+        if self.fid_method == "adm":
+            fid = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)  # sample first, as in ADM
+            sfid = metrics.frechet_distance(mu_s, sigma_s, ref_mu_s, ref_sigma_s)
+        else:
+            fid = metrics.frechet_distance_from_activations(acts["pool"], ref_mu, ref_sigma)
+            sfid = metrics.frechet_distance_from_activations(acts["spatial"], ref_mu_s, ref_sigma_s)
+        return {
+            "inception_score": metrics.inception_score(acts["logits"], split_size=IS_SPLIT_SIZE, from_logits=True),
+            "fid": fid,
+            "sfid": sfid,
+            "precision": float(precision),
+            "recall": float(recall),
+        }
+
+    def evaluate(self, images) -> dict:
+        """The five numbers of an in-memory uint8 batch (N, H, W, 3)."""
+        images = _check_images(images, min_images=PR_NEIGHBOURS + 1)
+        _log("computing sample batch activations...")
+        return self.metrics_from_activations(self.activations(images))
+
+    def evaluate_npz(self, sample_npz_path) -> dict:
+        """The five numbers of a sample batch file (streamed; its stored mu/sigma are used if present)."""
+        check_image_batch(sample_npz_path, "sample")
+        sample_stats = stored_statistics(sample_npz_path, "sample")
+        if self.fid_method == "lowrank" and sample_stats is not None:
+            raise ValueError(f"fid_method 'lowrank' needs sample activations, but {sample_npz_path} stores mu/sigma")
+        self.reference()
+        _log("computing sample batch activations...")
+        acts = compute_activations(self.model, sample_npz_path, self.batch_size, "sample")
+        if sample_stats is not None:
+            _log(f"using mu/sigma/mu_s/sigma_s stored in {sample_npz_path}")
+        return self.metrics_from_activations(acts, sample_stats)
+
+
+def _check_features_count(n: int) -> None:
+    if n < PR_NEIGHBOURS + 1:
+        raise ValueError(
+            f"sample batch has {n} images; need at least {PR_NEIGHBOURS + 1} "
+            f"(covariances and k={PR_NEIGHBOURS} nearest neighbours)"
+        )
+
+
 def evaluate(
     ref_npz_path,
     sample_npz_path,
@@ -266,85 +424,37 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device=None,
     use_cache: bool = True,
-    fid_method: str = "adm",
+    fid_method: str | None = None,
     details: dict | None = None,
 ) -> dict:
     """ADM's five numbers for a sample batch against a reference batch.
 
     Returns {"inception_score", "fid", "sfid", "precision", "recall"} as Python floats. `inception_weights`
-    is a path (None: $REG_INCEPTION_WEIGHTS). fid_method "adm" (default) computes FID/sFID with ADM's sqrtm;
-    "lowrank" uses the exact small-batch formula on the sample activations (fast on CPU, not ADM's numerics
-    on singular covariances; see metrics.frechet_distance_from_activations). If `details` is a dict, it is
-    filled with the sizes and the weights' hash (the CLI stores them in the JSON).
+    is a path (None: $REG_INCEPTION_WEIGHTS). fid_method "adm" (default; $REG_FID_METHOD overrides the
+    default) computes FID/sFID with ADM's sqrtm; "lowrank" uses the exact small-batch formula on the sample
+    activations (fast on CPU, not ADM's numerics on singular covariances; see
+    metrics.frechet_distance_from_activations). If `details` is a dict, it is filled with the sizes and the
+    weights' hash (the CLI stores them in the JSON).
     """
+    fid_method = fid_method or default_fid_method()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if fid_method not in FID_METHODS:
         raise ValueError(f"fid_method must be one of {FID_METHODS}, got {fid_method!r}")
-    ref_shape = check_image_batch(ref_npz_path, "reference")
+    check_image_batch(ref_npz_path, "reference")
     sample_shape = check_image_batch(sample_npz_path, "sample")
-    ref_stats = stored_statistics(ref_npz_path, "reference")
-    sample_stats = stored_statistics(sample_npz_path, "sample")
-    if fid_method == "lowrank" and sample_stats is not None:
+    if fid_method == "lowrank" and stored_statistics(sample_npz_path, "sample") is not None:
         raise ValueError(f"fid_method 'lowrank' needs sample activations, but {sample_npz_path} stores mu/sigma")
-    weights = inception.resolve_weights_path(inception_weights)
-    device = torch.device(device if device is not None else default_device())
-
-    sha = file_sha256(weights)
-    if not inception.is_published_weights(sha):
-        _log(
-            f"WARNING: {weights} is not the published Inception file (SHA-256 {sha[:8]}..., expected "
-            f"{inception.PUBLISHED_SHA256_PREFIX}...); the numbers are NOT comparable with ADM's"
-        )
-    model = inception.InceptionFeatures(weights, device)
-
-    _log("computing reference batch activations...")
-    ref_acts = reference_activations(model, ref_npz_path, batch_size, sha, use_cache)
-    _log("computing/reading reference batch statistics...")
-    if ref_stats is None:
-        ref_stats = (
-            metrics.activation_statistics(ref_acts["pool"]),
-            metrics.activation_statistics(ref_acts["spatial"]),
-        )
-    else:
-        _log(f"using mu/sigma/mu_s/sigma_s stored in {ref_npz_path}")
-
-    _log("computing sample batch activations...")
-    sample_acts = compute_activations(model, sample_npz_path, batch_size, "sample")
-    _log("computing/reading sample batch statistics...")
-    if sample_stats is None:
-        sample_stats = (
-            metrics.activation_statistics(sample_acts["pool"]),
-            metrics.activation_statistics(sample_acts["spatial"]),
-        )
-    else:
-        _log(f"using mu/sigma/mu_s/sigma_s stored in {sample_npz_path}")
-
-    _log("Computing evaluations...")
-    (mu, sigma), (mu_s, sigma_s) = sample_stats
-    (ref_mu, ref_sigma), (ref_mu_s, ref_sigma_s) = ref_stats
-    precision, recall = metrics.precision_recall(ref_acts["pool"], sample_acts["pool"], k=PR_NEIGHBOURS, device=device)
-    if fid_method == "adm":
-        fid = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)  # sample first, as in ADM
-        sfid = metrics.frechet_distance(mu_s, sigma_s, ref_mu_s, ref_sigma_s)
-    else:
-        fid = metrics.frechet_distance_from_activations(sample_acts["pool"], ref_mu, ref_sigma)
-        sfid = metrics.frechet_distance_from_activations(sample_acts["spatial"], ref_mu_s, ref_sigma_s)
-    result = {
-        "inception_score": metrics.inception_score(sample_acts["logits"], split_size=IS_SPLIT_SIZE, from_logits=True),
-        "fid": fid,
-        "sfid": sfid,
-        "precision": float(precision),
-        "recall": float(recall),
-    }
+    ev = Evaluator(ref_npz_path, inception_weights, device, batch_size, use_cache, fid_method)
+    result = ev.evaluate_npz(sample_npz_path)
     if details is not None:
         details.update(
-            num_reference=int(ref_shape[0]),
+            num_reference=int(ev.ref_shape[0]),
             num_samples=int(sample_shape[0]),
             sample_resolution=[int(sample_shape[1]), int(sample_shape[2])],
             fid_method=fid_method,
-            inception_weights_sha256=sha,
-            published_inception_weights=inception.is_published_weights(sha),
+            inception_weights_sha256=ev.weights_sha256,
+            published_inception_weights=inception.is_published_weights(ev.weights_sha256),
         )
     return result
 
@@ -361,10 +471,15 @@ def metrics_json_path(sample_npz_path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="ADM-compatible IS / FID / sFID / precision / recall of a sample batch (PyTorch, offline)."
+        description="ADM-compatible IS / FID / sFID / precision / recall of a sample batch (PyTorch, offline). "
+        "Batches are given as REF SAMPLE or, as in the REG release's eval.sh, --ref_batch REF --sample_batch SAMPLE."
     )
-    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
-    parser.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 NHWC)")
+    parser.add_argument("ref", nargs="?", default=None, metavar="ref_batch",
+                        help="reference batch .npz (arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample", nargs="?", default=None, metavar="sample_batch", help="sample batch .npz (arr_0 uint8 NHWC)")
+    parser.add_argument("--ref_batch", "--ref-batch", dest="ref_batch", default=None, help="the release's spelling of ref_batch")
+    parser.add_argument("--sample_batch", "--sample-batch", dest="sample_batch", default=None,
+                        help="the release's spelling of sample_batch")
     parser.add_argument(
         "--inception-weights",
         default=None,
@@ -376,16 +491,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fid-method",
         choices=FID_METHODS,
-        default="adm",
-        help="adm: scipy sqrtm as ADM (use for reported numbers; minutes on a CPU); lowrank: exact formula via "
-        "the sample activations, for quick small-batch checks (N < 2048) on a CPU",
+        default=None,
+        help=f"adm (default, or ${FID_METHOD_ENV}): scipy sqrtm as ADM (use for reported numbers; minutes on a CPU); "
+        "lowrank: exact formula via the sample activations, for quick small-batch checks (N < 2048) on a CPU",
     )
+    g = parser.add_argument_group(
+        "the REG release's results file",
+        "with --save_path, the five lines are also written to the file named by the plain string concatenation "
+        "SAVE_PATH + NUM_STEPS + STEP + CFG + GH + CLS_CFG + 'cfg_cond_true.txt' (or 'cfg_cond_false.txt' when "
+        "--cfg_cond 0), as the release does (no separator: with SAVE_PATH .../checkpoints the file lands beside "
+        "that folder, which is created if missing)",
+    )
+    g.add_argument("--save_path", "--save-path", dest="save_path", default=None)
+    g.add_argument("--cfg_cond", "--cfg-cond", dest="cfg_cond", type=int, default=1)
+    g.add_argument("--step", type=int, default=1)
+    g.add_argument("--num_steps", "--num-steps", dest="num_steps", type=int, default=250)
+    g.add_argument("--cfg", type=float, default=1.0)
+    g.add_argument("--cls_cfg", "--cls-cfg", dest="cls_cfg", type=float, default=1.0)
+    g.add_argument("--gh", type=float, default=1.0)
     return parser
+
+
+def release_results_path(save_path: str, num_steps: int, step: int, cfg: float, gh: float, cls_cfg: float,
+                         cfg_cond: int) -> str:
+    """The REG release's results file name: the plain concatenation, in the release's order."""
+    suffix = "cfg_cond_true.txt" if cfg_cond else "cfg_cond_false.txt"
+    return str(save_path) + str(num_steps) + str(step) + str(cfg) + str(gh) + str(cls_cfg) + suffix
+
+
+RESULT_LINES = (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                ("Precision", "precision"), ("Recall", "recall"))
+
+
+def write_release_results(path: str, result: dict) -> None:
+    """The five lines "Inception Score: v" ... "Recall: v" (written atomically)."""
+    text = "".join(f"{label}: {result[key]}\n" for label, key in RESULT_LINES)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, positional in (("ref_batch", "ref"), ("sample_batch", "sample")):
+        given = [v for v in (getattr(args, flag), getattr(args, positional)) if v is not None]
+        if len(given) != 1:
+            parser.error(f"give the {flag.replace('_', ' ')} once: as the {'first' if flag == 'ref_batch' else 'second'} "
+                         f"positional argument or as --{flag}" + (" (got both)" if given else ""))
+        setattr(args, flag, given[0])
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     device = args.device or default_device()
@@ -395,6 +547,14 @@ def main(argv=None) -> dict:
         parser.error(f"--device {args.device!r} is not a torch device (try cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available; use --device cpu")
+    fid_method = args.fid_method or default_fid_method()
+    if fid_method not in FID_METHODS:
+        parser.error(f"${FID_METHOD_ENV}={fid_method!r} is not one of {', '.join(FID_METHODS)}")
+    if args.save_path is not None:  # before minutes of work: the release creates the folder first
+        try:
+            os.makedirs(args.save_path, exist_ok=True)
+        except OSError as e:
+            parser.error(f"cannot create --save_path {args.save_path}: {e.strerror or e}")
 
     details: dict = {}
     try:
@@ -405,17 +565,14 @@ def main(argv=None) -> dict:
             batch_size=args.batch_size,
             device=device,
             use_cache=not args.no_cache,
-            fid_method=args.fid_method,
+            fid_method=fid_method,
             details=details,
         )
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
 
-    print("Inception Score:", result["inception_score"])
-    print("FID:", result["fid"])
-    print("sFID:", result["sfid"])
-    print("Precision:", result["precision"])
-    print("Recall:", result["recall"])
+    for label, key in RESULT_LINES:
+        print(f"{label}:", result[key])
 
     out = metrics_json_path(args.sample_batch)
     payload = dict(result)
@@ -423,6 +580,11 @@ def main(argv=None) -> dict:
     payload.update(reference_batch=str(Path(args.ref_batch).resolve()), sample_batch=str(Path(args.sample_batch).resolve()))
     atomic_write_json(out, payload)
     _log(f"wrote {out}")
+    if args.save_path is not None:
+        txt = release_results_path(args.save_path, args.num_steps, args.step, args.cfg, args.gh, args.cls_cfg,
+                                   args.cfg_cond)
+        write_release_results(txt, result)
+        _log(f"wrote {txt}")
     return result
 
 

@@ -384,3 +384,77 @@ def test_script_runs_from_repo_root_without_install(files, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "weights-inception-2015-12-05-6726825d.pth" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process Evaluator and the release's command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_evaluator_object_gives_evaluate_numbers_and_accepts_gathered_activations(files, images, weights, monkeypatch):
+    """Evaluator.evaluate(in-memory images) == evaluate(the same images as .npz); activations computed in
+    parts (as several processes would) and gathered give the same numbers; Inception and the reference
+    are loaded once."""
+    _, sample = images
+    from_file = evaluator.evaluate(files["ref"], files["sample"], inception_weights=weights, batch_size=2,
+                                   device="cpu", fid_method="lowrank")
+    reads, built = [], []
+    real_inception = inception.InceptionFeatures
+    monkeypatch.setattr(inception, "InceptionFeatures", lambda *a, **k: built.append(1) or real_inception(*a, **k))
+    real_reference = evaluator.reference_activations
+    monkeypatch.setattr(evaluator, "reference_activations", lambda *a, **k: reads.append(1) or real_reference(*a, **k))
+    ev = evaluator.Evaluator(files["ref"], weights, device="cpu", batch_size=2, fid_method="lowrank")
+    assert reads == []                                          # lazy: a process that only computes activations
+    computed = []
+    real_activations = ev.activations
+    ev.activations = lambda imgs: computed.append(real_activations(imgs)) or computed[-1]
+    assert ev.evaluate(sample) == from_file
+    acts = computed[0]
+    assert {k: v.shape for k, v in acts.items()} == {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}
+    parts = [{k: v[:1] for k, v in acts.items()}, {k: v[1:] for k, v in acts.items()}, ev.activations(sample[:0])]
+    assert parts[2]["pool"].shape == (0, 2048)
+    assert ev.metrics_from_activations(parts) == from_file
+    assert built == [1]                                         # Inception loaded once
+    assert reads == [1]                                         # the reference was read once
+    with pytest.raises(ValueError, match="uint8"):
+        ev.evaluate(sample.astype(np.float32))
+    with pytest.raises(ValueError, match="at least 4"):
+        ev.evaluate(sample[:3])
+    with pytest.raises(ValueError, match="at least 4"):
+        ev.metrics_from_activations([{k: v[:2] for k, v in acts.items()}])
+    with pytest.raises(ValueError, match="fid_method"):
+        evaluator.Evaluator(files["ref"], weights, fid_method="exact")
+
+
+def test_release_command_line_writes_the_results_file(files, weights, tmp_path, monkeypatch, capsys):
+    """The REG release's flags; the results file is the plain concatenation save_path + num_steps + step
+    + cfg + gh + cls_cfg + cfg_cond_{true,false}.txt, with ADM's five lines; $REG_FID_METHOD sets the
+    default FID method (the command line of eval.sh is fixed)."""
+    fake = {"inception_score": 1.25, "fid": 2.5, "sfid": 3.0, "precision": 0.75, "recall": 0.5}
+    seen = {}
+    monkeypatch.setattr(evaluator, "evaluate", lambda ref, sample, **k: seen.update(ref=ref, sample=sample, **k) or dict(fake))
+    monkeypatch.setenv(evaluator.FID_METHOD_ENV, "lowrank")
+    save = tmp_path / "exp" / "checkpoints"
+    argv = ["--ref_batch", str(files["ref"]), "--sample_batch", str(files["sample"]), "--save_path", str(save),
+            "--cfg_cond", "0", "--step", "0400000", "--num_steps", "3", "--cfg", "1.5", "--cls_cfg", "2", "--gh", "0.9"]
+    assert evaluator.main(argv) == fake
+    assert seen["ref"] == str(files["ref"]) and seen["sample"] == str(files["sample"])
+    assert seen["fid_method"] == "lowrank"
+    txt = tmp_path / "exp" / "checkpoints34000001.50.92.0cfg_cond_false.txt"   # step 0400000 -> 400000
+    assert save.is_dir()                                                          # created, as the release does
+    assert txt.read_text().splitlines() == ["Inception Score: 1.25", "FID: 2.5", "sFID: 3.0", "Precision: 0.75",
+                                            "Recall: 0.5"]
+    assert capsys.readouterr().out.splitlines() == txt.read_text().splitlines()
+    evaluator.main([str(files["ref"]), str(files["sample"]), "--save_path", str(save), "--step", "7", "--fid-method", "adm"])
+    assert seen["fid_method"] == "adm"
+    assert (tmp_path / "exp" / "checkpoints25071.01.01.0cfg_cond_true.txt").is_file()   # the release's defaults
+    assert evaluator.release_results_path("a/b", 250, 4000000, 2.3, 0.85, 2.3, 1) == "a/b25040000002.30.852.3cfg_cond_true.txt"
+
+
+def test_release_command_line_errors(files, monkeypatch, capsys):
+    ref, sample = str(files["ref"]), str(files["sample"])
+    assert "given once" in _cli_error(capsys, [ref, sample, "--ref_batch", ref]).replace("give the ref batch once", "given once")
+    assert "sample batch" in _cli_error(capsys, ["--ref_batch", ref])
+    assert "ref batch" in _cli_error(capsys, [])
+    monkeypatch.setenv(evaluator.FID_METHOD_ENV, "exact")
+    assert "REG_FID_METHOD='exact'" in _cli_error(capsys, [ref, sample])

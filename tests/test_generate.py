@@ -39,9 +39,9 @@ def _tiny(seed, **overrides):
     return randomize_weights_(build_sit(seed, **{**TINY, **overrides}), seed + 100)
 
 
-def _ours(model, path, codec="identity"):
+def _ours(model, path, codec="identity", **train_args):
     save_checkpoint(dict(model=model.state_dict(), ema=model.state_dict(), opt={"state": {}}, steps=3,
-                         args=dict(path_type="linear"), model_name=None, model_config=model.config,
+                         args=dict(path_type="linear", **train_args), model_name=None, model_config=model.config,
                          autoencoder=codec, enc_types=["dinov2-vit-b"]), str(path))
 
 
@@ -86,9 +86,19 @@ def ckpts(tmp_path_factory):
     vae.save_pretrained(str(d / "vae"))
     _ours(reg4, d / "reg4_ours.pt", codec=str(d / "vae"))     # the EMA of reg_release.pt
     _ours(raw4, d / "raw4_ours.pt", codec=str(d / "vae"))     # its raw weights
+    # trained with SpeedrunDiT-style time shifting: C h w = 3 x 8 x 8 = 192 = 4 x 48, so the shift is 2
+    _ours(reg3, d / "reg_shifted.pt", time_shift=True, shift_base=48)
+    # a named size (SiT-T/2) in REPA's layout, for REPA's own command line
+    repa_t2 = randomize_weights_(build_sit(5, **{**TINY, "hidden_size": 256, "depth": 6, "num_heads": 4,
+                                                 "in_channels": 4, "cls_token_dim": 0, "encoder_depth": 2}), 105)
+    (d / "repa" / "checkpoints").mkdir(parents=True)
+    torch.save(dict(model=repa_t2.state_dict(), ema=repa_t2.state_dict(), opt={}, steps=5,
+                    args=argparse.Namespace(model="SiT-T/2", encoder_depth=2, num_classes=5, path_type="linear")),
+               str(d / "repa" / "checkpoints" / "0000005.pt"))
     return {k: str(v) for k, v in dict(reg=d / "reg_identity.pt", release=d / "reg_release.pt",
                                         repa=d / "repa_release.pt", ours4=d / "reg4_ours.pt",
-                                        raw4=d / "raw4_ours.pt", vae=d / "vae").items()}
+                                        raw4=d / "raw4_ours.pt", vae=d / "vae", shifted=d / "reg_shifted.pt",
+                                        repa_t2=d / "repa" / "checkpoints" / "0000005.pt").items()}
 
 
 def run(tmp_path, *argv, name="run"):
@@ -155,7 +165,7 @@ def to_uint8(x):
     return np.clip(255.0 * (x.double().numpy() + 1) / 2, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def expected_per_image(model, index, seed=0, steps=4, cfg=2.0, cls_cfg=1.5, gh=0.7, balanced=False):
+def expected_per_image(model, index, seed=0, steps=4, cfg=2.0, cls_cfg=1.5, gh=0.7, balanced=False, shift=1.0):
     """Image `index` by the documented per-image rule, alone in its batch (identity codec)."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
     c, s, k = model.config["in_channels"], model.config["input_size"], model.num_classes
@@ -166,7 +176,7 @@ def expected_per_image(model, index, seed=0, steps=4, cfg=2.0, cls_cfg=1.5, gh=0
         y = torch.tensor([index % k])
     noise = lambda like: torch.randn(like.shape[1:], generator=g, dtype=like.dtype)[None]  # noqa: E731
     x = euler_maruyama_sampler(model, z, y, num_steps=steps, cfg_scale=cfg, guidance_high=gh,
-                               cls_latents=cls, cls_cfg_scale=cls_cfg, noise_fn=noise)
+                               cls_latents=cls, cls_cfg_scale=cls_cfg, noise_fn=noise, time_shift=shift)
     return to_uint8(x.float())[0], int(y)
 
 
@@ -356,23 +366,72 @@ def test_class_balanced_labels_pngs_and_bf16(ckpts, tmp_path):
     assert 0 < diff.mean() < 2    # autocast changes the numbers a little, not the images
 
 
-def test_out_of_memory_batches_are_split_into_the_same_images(ckpts, tmp_path, monkeypatch, capsys):
-    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 5, *SDE]
-    full, labels, _ = run(tmp_path / "ref", *argv, "--per-proc-batch-size", 5)
-    sample_images, sizes = generate.sample_images, []
-    def small_memory(model, codec, z, *a, **k):  # noqa: E306 - a device that holds 2 images at most
-        sizes.append(len(z))
-        if len(z) > 2:
+def count_network_calls(monkeypatch) -> list:
+    """Patch generate's model loading so every forward of the sampling network is counted."""
+    calls, build = [], generate.model_from_checkpoint
+
+    def counted(*a, **k):
+        model = build(*a, **k)
+        model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+        return model
+    monkeypatch.setattr(generate, "model_from_checkpoint", counted)
+    return calls
+
+
+def test_sampler_out_of_memory_splits_and_keeps_the_smaller_batch(ckpts, tmp_path, monkeypatch, capsys):
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 10, *SDE]
+    full, labels, _ = run(tmp_path / "ref", *argv, "--per-proc-batch-size", 10)
+    sample_latents, sizes = generate.sample_latents, []
+    def small_memory(model, indices, *a, **k):  # noqa: E306 - a device that holds 2 images at most
+        sizes.append(len(indices))
+        if len(indices) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return sample_images(model, codec, z, *a, **k)
-    monkeypatch.setattr(generate, "sample_images", small_memory)
-    images, got_labels, _ = run(tmp_path, *argv, "--per-proc-batch-size", "auto")   # 32 on the CPU: one batch of 5
-    assert sizes == [5, 2, 3, 1, 2]                       # 5 -> 2 + 3, 3 -> 1 + 2
-    assert "out of memory with 5 images per batch; retrying as 2 + 3" in capsys.readouterr().err
+        return sample_latents(model, indices, *a, **k)
+    monkeypatch.setattr(generate, "sample_latents", small_memory)
+    images, got_labels, _ = run(tmp_path, *argv, "--per-proc-batch-size", 4)     # batches [0,4) [4,8) [8,10)
+    # [0,4) fails once and is split; the later batches start at the smaller size and never fail again
+    assert sizes == [4, 2, 2, 2, 2, 2]
+    err = capsys.readouterr().err
+    assert "out of memory with 4 images per batch; retrying as 2 + 2 and sampling at most 2 at a time" in err
     np.testing.assert_array_equal(images, full)
     np.testing.assert_array_equal(got_labels, labels)
-    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "img-0000000-0000002.npz",
-                                                  "img-0000002-0000003.npz", "img-0000003-0000005.npz"]
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("img")) == [
+        f"img-{a:07d}-{a + 2:07d}.npz" for a in range(0, 10, 2)]
+
+    # A batch of one that does not fit is an error (nothing left to split), and so is any batch of the
+    # release scheme (its noise depends on the batch).
+    monkeypatch.setattr(generate, "sample_latents", lambda *a, **k: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("simulated")))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="seed-scheme release"):
+        run(tmp_path, *argv, "--per-proc-batch-size", 2, "--seed-scheme", "release", name="rel")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="1 images per batch"):
+        run(tmp_path, *argv, "--per-proc-batch-size", 1, name="one")
+
+
+def test_decoder_out_of_memory_never_resamples(ckpts, tmp_path, monkeypatch, capsys):
+    """A decode that runs out of memory is retried in smaller chunks from the same latents: no extra
+    network call, the same images, and the smaller chunk is kept for the later batches."""
+    argv = ["--ckpt", ckpts["ours4"], "--num-fid-samples", 8, "--per-proc-batch-size", 4, "--decode-batch-size", 4, *SDE]
+    calls = count_network_calls(monkeypatch)
+    full, labels, _ = run(tmp_path / "ref", *argv)
+    normal_calls = list(calls)
+    assert normal_calls == [4, 8, 8, 8] * 2        # 4 SDE steps per batch (t = 1 .68 .36 .04), doubled <= 0.7
+
+    from models.autoencoder import Autoencoder
+    decode, sizes = Autoencoder.decode, []
+    def flaky(self, z):  # noqa: E306 - out of memory on the first chunk of 4 only
+        sizes.append(len(z))
+        if len(z) == 4 and sizes.count(4) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(self, z)
+    monkeypatch.setattr(Autoencoder, "decode", flaky)
+    calls.clear()
+    images, got_labels, _ = run(tmp_path, *argv)
+    assert calls == normal_calls                   # not one sampler step more
+    assert sizes == [4, 2, 2, 2, 2]                # halved once, then kept for the second batch
+    assert "out of memory decoding 4 images; decoding 2 at a time from now on" in capsys.readouterr().err
+    np.testing.assert_array_equal(images, full)
+    np.testing.assert_array_equal(got_labels, labels)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -381,7 +440,8 @@ def test_out_of_memory_batches_are_split_into_the_same_images(ckpts, tmp_path, m
     (["--per-proc-batch-size", "auto", "--seed-scheme", "release"], "needs a fixed --per-proc-batch-size"),
     (["--num-fid-samples", 0], "--num-fid-samples must be >= 1"),
     (["--model", "SiT-B/2"], "--model SiT-B/2 but the checkpoint holds a custom SiT"),
-    (["--cls", 768], "--cls 768 but the checkpoint's class token has width 16"),
+    (["--cls", 768], "--cls-token-dim (--cls) 768 but the checkpoint's class token has width 16"),
+    (["--cls-token-dim", 8], "--cls-token-dim (--cls) 8 but the checkpoint's class token has width 16"),
     (["--projector-embed-dims", "768,1024"], "--projector-embed-dims 768,1024 but the checkpoint's projectors"),
     (["--encoder-depth", 8], "--encoder-depth 8 but the checkpoint was trained with 1"),
     (["--resolution", 256], "--resolution 256 but the checkpoint makes 8px images"),
@@ -406,7 +466,8 @@ def test_bad_checkpoints_and_foreign_sample_dirs(ckpts, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert "cannot read checkpoint" in fails(capsys, "--ckpt", junk)
-    assert "--cls 16 but the checkpoint's class token has width 0" in fails(capsys, "--ckpt", ckpts["repa"], "--cls", 16)
+    assert "--cls-token-dim (--cls) 16 but the checkpoint's class token has width 0" in fails(
+        capsys, "--ckpt", ckpts["repa"], "--cls", 16)
     assert "--model SiT-XL/2" in fails(capsys, "--ckpt", ckpts["release"], "--model", "SiT-XL/2", "--vae-path", ckpts["vae"])
     err = fails(capsys, "--ckpt", ckpts["release"])                  # SD-VAE weights are not here
     assert "cannot load the decoder 'ema'" in err and "--vae-path" in err
@@ -424,3 +485,352 @@ def test_bad_checkpoints_and_foreign_sample_dirs(ckpts, tmp_path, capsys):
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "000000.png").write_bytes(b"")
     assert "no config.json" in fails(capsys, "--ckpt", ckpts["reg"], "--sample-dir", tmp_path, "--name", "y")
+
+
+#################################################################################
+#              The releases' command lines, names and defaults                  #
+#################################################################################
+
+def test_parser_spellings_and_defaults():
+    """Our names and the releases' aliases land on the same settings; defaults as the release's
+    generate.py where it is not defective (see the module docstring of generate.py)."""
+    p = generate.build_parser()
+    d = p.parse_args(["--ckpt", "x.pt"])
+    assert (d.cfg_scale, d.num_steps, d.guidance_low, d.guidance_high, d.per_proc_batch_size) == (1.5, 50, 0.0, 1.0, 32)
+    assert (d.num_fid_samples, d.seed, d.tf32, d.heun, d.legacy, d.sample_dir) == (50_000, 0, True, False, False, "samples")
+    assert d.precision == "fp32" and d.decode_batch_size == generate.DEFAULT_DECODE_BATCH
+    # resolved from the checkpoint: mode (sde with a class token, else ode), cls-cfg-scale (1.5 with a class token)
+    assert d.mode is None and d.cls_cfg_scale is None and d.cls_token_dim is None and d.time_shift is None
+    a = p.parse_args(["--ckpt", "x.pt", "--cls=768", "--global-seed", "3", "--mixed-precision", "no",
+                      "--balanced-sampling", "--time-shifting", "--shift-base", "1024", "--allow-tf32",
+                      "--local-rank=1", "--guidance_high", "0.85", "--legacy"])
+    assert (a.cls_token_dim, a.seed, a.precision, a.class_balanced, a.time_shift, a.shift_base) == (768, 3, "fp32", True, True, 1024)
+    assert (a.tf32, a.local_rank, a.guidance_high, a.legacy) == (True, 1, 0.85, True)
+    b = p.parse_args(["--ckpt", "x.pt", "--cls-token-dim", "16", "--seed", "4", "--precision", "fp16",
+                      "--no-class-balanced", "--no-time-shift", "--no-tf32"])
+    assert (b.cls_token_dim, b.seed, b.precision, b.class_balanced, b.time_shift, b.tf32) == (16, 4, "fp16", False, False, False)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--ckpt", "x.pt", "--precision", "fp8"])
+
+
+def test_default_name_is_the_releases_and_other_settings_are_refused(ckpts, tmp_path, capsys):
+    """No --name: the release's folder/npz name, floats as str(); the defaults of the release apply
+    (sde for a class-token checkpoint, cls-cfg 1.5); settings outside the name are in the sidecar, and a
+    rerun with other ones into the same name is refused, naming them."""
+    base = ["--ckpt", ckpts["reg"], "--sample-dir", tmp_path, "--num-fid-samples", 2, "--num-steps", 2]
+    out = generate.main(["--device", "cpu", *map(str, base)])
+    name = "custom-reg_identity-size-8-vae-identity-cfg-1.5-seed-0-sde-1.0-1.5"
+    assert out == os.path.join(str(tmp_path), name + ".npz")
+    key = load(tmp_path, name)[2]["key"]
+    assert (key["sampler"], key["cls_cfg_scale"], key["cfg_scale"], key["global_seed"]) == ("sde", 1.5, 1.5, 0)
+    assert "time_shift" not in key                                     # off: as in sidecars made before it existed
+    out = generate.main(["--device", "cpu", *map(str, base), "--cfg-scale", "2.3", "--cls-cfg-scale", "2.3",
+                         "--guidance-high", "0.85", "--global-seed", "1"])
+    assert os.path.basename(out) == "custom-reg_identity-size-8-vae-identity-cfg-2.3-seed-1-sde-0.85-2.3.npz"
+    err = fails(capsys, *base, "--num-steps", 3)                        # not in the name: same file, refused
+    assert "different configuration" in err and "num_steps: 2 -> 3" in err
+    err = fails(capsys, *base, "--seed-scheme", "release", "--per-proc-batch-size", 2)
+    assert "seed_scheme: 'per-image' -> 'release'" in err
+
+
+def test_repa_command_line_and_checkpoint(ckpts, tmp_path, monkeypatch, capsys):
+    """REPA's README command (sizes shrunk) on a REPA checkpoint of a named size, decoder found through
+    REG_VAE_PATH as offline users do: REPA's output name; without --mode REPA's default (ode) is used."""
+    monkeypatch.setenv("REG_VAE_PATH", ckpts["vae"])
+    argv = ["--model", "SiT-T/2", "--num-fid-samples", "3", "--ckpt", ckpts["repa_t2"], "--path-type=linear",
+            "--encoder-depth=2", "--projector-embed-dims=16", "--per-proc-batch-size=3", "--mode=sde",
+            "--num-steps=4", "--cfg-scale=1.8", "--guidance-high=0.7", "--sample-dir", str(tmp_path)]
+    out = generate.main(argv + ["--device", "cpu"])
+    assert os.path.basename(out) == "SiT-T-2-0000005-size-16-vae-ema-cfg-1.8-seed-0-sde.npz"
+    images, _, meta = load(tmp_path, "SiT-T-2-0000005-size-16-vae-ema-cfg-1.8-seed-0-sde")
+    assert images.shape == (3, 16, 16, 3) and images.std() > 1
+    assert meta["key"]["cls_cfg_scale"] == 0.0 and meta["key"]["autoencoder"] == "ema"
+    assert meta["runs"][0]["vae_path_env"] == ckpts["vae"]
+
+    ode_argv = [a for a in argv if a != "--mode=sde"] + ["--device", "cpu"]
+    out = generate.main(ode_argv)
+    assert os.path.basename(out) == "SiT-T-2-0000005-size-16-vae-ema-cfg-1.8-seed-0-ode.npz"
+    assert load(tmp_path, "SiT-T-2-0000005-size-16-vae-ema-cfg-1.8-seed-0-ode")[2]["key"]["sampler"] == "ode"
+    capsys.readouterr()
+    generate.main(ode_argv + ["--mode", "ode"])                       # the same run: nothing to do
+    assert "already complete" in capsys.readouterr().out
+    assert "--cls-cfg-scale needs a REG checkpoint" in fails(capsys, *argv, "--cls-cfg-scale", "1.5")
+
+
+def test_legacy_flag_remaps_old_checkpoints(ckpts, tmp_path, capsys):
+    """The release's --legacy: decoder_blocks.i -> blocks.{i + encoder depth}; the remapped checkpoint
+    samples exactly as the current layout does; without --legacy it is a clear error."""
+    sd = {"blocks.0.x": 1, "decoder_blocks.0.attn.qkv.weight": 2, "decoder_blocks.11.mlp.fc1.bias": 3,
+          "module.decoder_blocks.2.norm1.weight": 4, "decoder_blocks_extra": 5}
+    assert generate.legacy_state_dict(sd, 8) == {"blocks.0.x": 1, "blocks.8.attn.qkv.weight": 2,
+                                                 "blocks.19.mlp.fc1.bias": 3, "module.blocks.10.norm1.weight": 4,
+                                                 "decoder_blocks_extra": 5}
+    ckpt = torch.load(ckpts["release"], weights_only=False)
+    for weights in ("ema", "model"):   # encoder depth 1 (the checkpoint's args): block 1 was decoder block 0
+        ckpt[weights] = {(k.replace("blocks.1.", "decoder_blocks.0.", 1) if k.startswith("blocks.1.") else k): v
+                         for k, v in ckpt[weights].items()}
+    assert any(k.startswith("decoder_blocks.0.") for k in ckpt["ema"])
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    common = ["--num-fid-samples", 2, "--per-proc-batch-size", 2, "--vae-path", ckpts["vae"], *SDE]
+    want, _, _ = run(tmp_path, "--ckpt", ckpts["release"], *common, name="new")
+    got, _, _ = run(tmp_path, "--ckpt", old, *common, "--legacy", name="old")
+    np.testing.assert_array_equal(got, want)
+    err = fails(capsys, "--ckpt", old, "--sample-dir", tmp_path, *common)
+    assert "old release layout (decoder_blocks.*); add --legacy" in err
+    # a wrong encoder depth leaves a hole in the blocks: a clear error, not a silent misload
+    err = fails(capsys, "--ckpt", old, "--sample-dir", tmp_path, *common, "--legacy", "--encoder-depth", 2)
+    assert "cannot build the model" in err and "blocks.1." in err
+
+
+#################################################################################
+#               Noise interface: resume follows the sampler itself              #
+#################################################################################
+
+def toy_sampler(model, latents, y, num_steps=3, cls_latents=None, noise=None, noise_fn=None, **_):
+    """A stochastic sampler with its own draw pattern (unlike the SDE: a draw at every step, an extra
+    one-channel draw on odd steps, the class-token noise in float32): a resume that hard-coded the
+    SDE's draws would replay the wrong number of them."""
+    import samplers
+    noise = samplers.as_noise_source(noise, noise_fn)
+    x = latents.to(torch.float64)
+    c = None if cls_latents is None else cls_latents.to(torch.float64)
+    for i in range(num_steps):
+        t = torch.full((len(x),), 1 - i / num_steps, dtype=latents.dtype, device=x.device)
+        v, _, vc = model(x.to(latents.dtype), t, y, cls_token=None if c is None else c.to(latents.dtype), return_zs=False)
+        x = x - v.double() / num_steps + 0.3 * noise.randn_like(x)
+        if i % 2:
+            x = x + 0.2 * noise.randn_like(x[:, :1])
+        if c is not None:
+            c = c - vc.double() / num_steps + 0.3 * noise.randn_like(c.float()).double()
+    return x
+
+
+def value_dependent_sampler(model, latents, y, cls_latents=None, noise=None, **_):
+    """Draws only when the network says so: its draws cannot be replayed without the network."""
+    t = torch.ones(len(latents), dtype=latents.dtype)
+    v, _, _ = model(latents, t, y, cls_token=cls_latents, return_zs=False)
+    x = latents.double() - v.double()
+    if v.abs().sum() > 0:
+        x = x + noise.randn_like(x)
+    return x
+
+
+def test_new_stochastic_sampler_resumes_exactly_under_the_release_scheme(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setitem(generate.SAMPLERS, "toy", toy_sampler)
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 5, "--per-proc-batch-size", 2, "--seed-scheme", "release",
+            "--mode", "toy", "--num-steps", 3, "--cfg-scale", 1.0]
+    full, labels, meta = run(tmp_path, *argv)
+    assert meta["key"]["sampler"] == "toy" and len({img.tobytes() for img in full}) == 5
+
+    def lose_middle_batch():
+        for f in ("run.npz", "run.json", "run/rank000-batch000001.npz"):
+            os.remove(tmp_path / f)
+    lose_middle_batch()
+    again, again_labels, _ = run(tmp_path, *argv)
+    np.testing.assert_array_equal(again, full)
+    np.testing.assert_array_equal(again_labels, labels)
+
+    # The test can fail: without the sampler's own replay the resumed batch gets other noise.
+    lose_middle_batch()
+    monkeypatch.setattr(generate, "replay_draws", lambda *a, **k: [])
+    broken, _, _ = run(tmp_path, *argv)
+    np.testing.assert_array_equal(broken[:2], full[:2])
+    assert not np.array_equal(broken[2:4], full[2:4])
+
+
+def test_sampler_whose_draws_depend_on_the_network_is_refused_by_the_release_scheme(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setitem(generate.SAMPLERS, "greedy", value_dependent_sampler)
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 2, "--per-proc-batch-size", 2, "--mode", "greedy",
+            "--cfg-scale", 1.0]
+    with pytest.raises(RuntimeError, match="use --seed-scheme per-image"):
+        run(tmp_path, *argv, "--seed-scheme", "release", name="rel")
+    images, _, _ = run(tmp_path, *argv, name="per-image")              # per-image needs no replay
+    assert images.shape == (2, 8, 8, 3)
+
+
+#################################################################################
+#                Damaged shards, temp files, read-only folders                  #
+#################################################################################
+
+def test_damaged_shards_are_resampled_into_the_same_npz_bytes(ckpts, tmp_path, capsys):
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 10, "--per-proc-batch-size", 3, *SDE]
+    run(tmp_path / "clean", *argv)
+    clean = (tmp_path / "clean" / "run.npz").read_bytes()
+    run(tmp_path, *argv)
+    assert (tmp_path / "run.npz").read_bytes() == clean               # same bytes from another run
+    folder = tmp_path / "run"
+    os.remove(tmp_path / "run.npz")
+    os.remove(tmp_path / "run.json")
+    truncated = folder / "img-0000003-0000006.npz"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with np.load(folder / "img-0000006-0000009.npz") as s:
+        shard = dict(s)
+    np.savez(folder / "img-0000006-0000009.npz", images=shard["images"], indices=shard["indices"])   # no labels
+    np.savez(folder / "img-0000009-0000010.npz", images=np.zeros((1, 4, 4, 3), np.uint8), labels=np.zeros(1, np.int64),
+             indices=np.array([9]))                                                                     # wrong shape
+    stale = folder / ".tmp-otherhost-4242-abcd.npz"                  # left by a killed run elsewhere
+    stale.write_bytes(b"half a shard")
+    capsys.readouterr()
+    run(tmp_path, *argv)
+    out, err = capsys.readouterr()
+    assert "sampling 7 of 10 images" in out                          # only the damaged shards' images
+    warnings = [line for line in err.splitlines() if line.startswith("warning: shard")]
+    assert len(warnings) == 3 and all("deleting it" in w for w in warnings)
+    assert any("img-0000003-0000006.npz" in w for w in warnings)
+    assert any("img-0000006-0000009.npz" in w and "labels" in w for w in warnings)
+    assert any("img-0000009-0000010.npz" in w and "(1, 8, 8, 3)" in w for w in warnings)
+    assert f"removed {stale}" in err and not stale.exists()
+    assert (tmp_path / "run.npz").read_bytes() == clean
+
+
+def test_unwritable_sample_dir_is_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 2, "--num-steps", 2]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = fails(capsys, *argv, "--sample-dir", blocker / "samples")
+    assert f"cannot create --sample-dir {blocker / 'samples'}" in err
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):    # root ignores the mode: simulate what the check sees
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(ro) else real(p, m, **k))
+        err = fails(capsys, *argv, "--sample-dir", ro)
+    finally:
+        ro.chmod(0o755)
+    assert f"cannot write to {ro} (read-only)" in err and "--sample-dir" in err
+    assert os.listdir(ro) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root writes to read-only folders")
+def test_read_only_sample_dir_for_real(ckpts, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        err = fails(capsys, "--ckpt", ckpts["reg"], "--num-fid-samples", 2, "--sample-dir", ro)
+    finally:
+        ro.chmod(0o755)
+    assert f"cannot write to {ro} (read-only)" in err
+
+
+def test_explicit_device_under_a_launcher(ckpts, tmp_path, capsys, monkeypatch):
+    """--device cuda:N under a multi-process launcher is refused by runtime.resolve_device, through the CLI."""
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    argv = ["--ckpt", ckpts["reg"], "--sample-dir", tmp_path, "--device", "cuda:1"]
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in fails(capsys, *argv)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    err = fails(capsys, *argv)
+    assert "--device cuda:1 under a launcher with 2 processes would put every rank on one GPU" in err
+    from runtime import resolve_device
+    assert resolve_device("cuda:1", 1, 2) == torch.device("cuda", 1)        # its own GPU is fine
+    assert resolve_device("cuda", 1, 2) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", 0, 1) == torch.device("cuda", 0)        # one process: any GPU
+
+
+#################################################################################
+#                    Time shift, in-process API, pinned noise                   #
+#################################################################################
+
+def test_time_shift_from_the_checkpoint_and_its_flags(ckpts, tmp_path):
+    argv = ["--num-fid-samples", 3, "--per-proc-batch-size", 3, *SDE]
+    shifted, _, meta = run(tmp_path, "--ckpt", ckpts["shifted"], *argv, name="shifted")
+    assert meta["key"]["time_shift"] == 2.0                           # sqrt(3 * 8 * 8 / 48)
+    model = model_from_checkpoint(load_checkpoint(ckpts["shifted"])).eval()
+    for i in (0, 2):
+        np.testing.assert_array_equal(shifted[i], expected_per_image(model, i, shift=2.0)[0])
+    off, _, meta_off = run(tmp_path, "--ckpt", ckpts["shifted"], *argv, "--no-time-shift", name="off")
+    plain, _, _ = run(tmp_path, "--ckpt", ckpts["reg"], *argv, name="plain")   # same weights, no shift recorded
+    np.testing.assert_array_equal(off, plain)
+    assert "time_shift" not in meta_off["key"] and not np.array_equal(off, shifted)
+    base4, _, meta4 = run(tmp_path, "--ckpt", ckpts["reg"], *argv, "--time-shift", "--shift-base", 12, name="b12")
+    assert meta4["key"]["time_shift"] == 4.0
+
+
+def test_sample_batch_gives_the_cli_images(ckpts, tmp_path):
+    """The in-process API: any indices, any order, the CLI's images and labels; the model's mode and the
+    global RNG are left as they were."""
+    images, labels, _ = run(tmp_path, "--ckpt", ckpts["ours4"], "--num-fid-samples", 5, "--per-proc-batch-size", 5,
+                            "--class-balanced", *SDE)
+    from models.autoencoder import Autoencoder
+    model = model_from_checkpoint(load_checkpoint(ckpts["ours4"])).train()
+    codec = Autoencoder.from_spec(ckpts["vae"])
+    settings = generate.SampleSettings(mode="sde", num_steps=4, cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7,
+                                       class_balanced=True, seed=0, decode_batch_size=1)
+    torch.manual_seed(123)
+    got, got_labels = generate.sample_batch(model, codec, [4, 1], settings)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(1))                           # global RNG untouched
+    assert model.training                                              # mode restored
+    assert got.dtype == np.uint8 and got.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(got, images[[4, 1]])
+    np.testing.assert_array_equal(got_labels, labels[[4, 1]])
+    with pytest.raises(ValueError, match="mode 'nope'"):
+        generate.SampleSettings(mode="nope")
+    with pytest.raises(ValueError, match="precision"):
+        generate.SampleSettings(precision="fp8")
+    with pytest.raises(ValueError, match="exceeds the model's 5 classes"):
+        generate.sample_batch(model, codec, [0], dataclasses_replace(settings, num_classes=7))
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+def test_per_image_noise_moves_through_pinned_memory(monkeypatch):
+    """On CUDA the CPU-drawn noise is pinned and copied without blocking (checked with a stand-in tensor
+    path on CPU-only machines); the values are those of the per-image generators."""
+    import samplers
+    seen = []
+    real_to_device = samplers.to_device
+
+    def spy(t, device):
+        seen.append(torch.device(device).type)
+        return real_to_device(t, device)
+    monkeypatch.setattr(samplers, "to_device", spy)
+    noise = generate.PerImageNoise(0, [3, 7])
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    a = noise.randn_like(x)
+    g = torch.Generator().manual_seed(generate.image_seed(0, 7))      # image 7's own generator
+    assert torch.equal(a[1], torch.randn(3, 4, 4, generator=g, dtype=torch.float64))
+    b = generate.PerImageNoise(0, [7]).randn_like(x[:1])               # alone in its batch: the same
+    assert torch.equal(a[1:], b) and seen == ["cpu", "cpu"]
+    if torch.cuda.is_available():
+        c = generate.PerImageNoise(0, [3, 7]).randn_like(x.cuda())
+        assert c.is_cuda and torch.equal(c.cpu(), a)
+    else:
+        calls = []
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+        monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(k.get("non_blocking")) or self)
+        real_to_device(torch.zeros(1), "cuda")
+        assert calls == ["pin", True]
+
+
+def test_existing_sidecars_still_resume(ckpts, tmp_path, capsys, monkeypatch):
+    """A folder whose config.json predates a model option recorded at its default (or spells the seed
+    global_seed, as all sidecars do) resumes; a real difference is still refused."""
+    argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 3, "--per-proc-batch-size", 2, *SDE]
+    full, _, _ = run(tmp_path / "ref", *argv)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):     # interrupted before any shard
+        m.setattr(generate, "write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        run(tmp_path, *argv)
+    config = tmp_path / "run" / "config.json"
+    stored = json.loads(config.read_text())
+    assert stored["key"]["global_seed"] == 0
+    del stored["key"]["model_config"]["qk_norm"]              # written before the option existed (default off)
+    config.write_text(json.dumps(stored))
+    images, _, meta = run(tmp_path, *argv)
+    np.testing.assert_array_equal(images, full)
+    assert "qk_norm" not in meta["key"]["model_config"]       # the stored spelling is kept
+    os.remove(tmp_path / "run.json")
+    stored["key"]["model_config"]["num_classes"] = 7           # not a default: a different model
+    config.write_text(json.dumps(stored))
+    assert "num_classes" in fails(capsys, "--sample-dir", tmp_path, "--name", "run", *argv)

@@ -14,7 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from samplers import euler_maruyama_sampler, euler_sampler, velocity_to_score
+import samplers
+from loss import time_shift
+from samplers import (GLOBAL_NOISE, PerSampleNoise, draw_plan, euler_maruyama_sampler, euler_sampler, replay_draws,
+                      velocity_to_score)
 
 from conftest import build_sit, randomize_weights_
 
@@ -589,3 +592,127 @@ def test_samplers_run_the_network_in_the_latents_dtype_and_return_float64():
         x, c = sampler(model, z, torch.tensor([0, 1]), num_steps=3, cls_latents=zc, return_cls=True)
         assert {call["dtype"] for call in model.calls} == {torch.float32}
         assert x.dtype == torch.float64 and c.dtype == torch.float64
+
+
+#################################################################################
+#                                  Time shift                                   #
+#################################################################################
+
+@pytest.mark.parametrize("shift", [1.0, 1])
+def test_time_shift_one_is_bitwise_the_unshifted_samplers(shift):
+    model = _real_model("reg")
+    x, y, cls = _noise()
+    case = dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_high=0.7)
+    torch.manual_seed(7)
+    sde, sde_cls = euler_maruyama_sampler(model, x, y, num_steps=6, cls_latents=cls, return_cls=True,
+                                          time_shift=shift, **case)
+    torch.manual_seed(7)
+    ref, ref_cls = reference_release_sde(model, x, y, 6, cls_latents=cls, **case)
+    assert torch.equal(sde, ref) and torch.equal(sde_cls, ref_cls)
+    ode = euler_sampler(model, x, y, num_steps=5, heun=True, cls_latents=cls, time_shift=shift, **case)
+    assert torch.equal(ode, reference_repa_ode(model, x, y, 5, True, cls_latents=cls, **case)[0])
+
+
+def test_shifted_grids_match_the_closed_form():
+    """The network sees t' = s t / (1 + (s - 1) t) of the unshifted grid; the guidance interval is decided
+    on t' (here s = 3: 0.5 -> 0.75 leaves [0, 0.7] while 0.2 -> 0.4286 stays inside)."""
+    s = 3.0
+    model = GaussianVelocity("linear")
+    z, zc, y = torch.randn(2, 1, 2, 2), torch.randn(2, 3), torch.tensor([0, 1])
+
+    def closed(t):
+        return s * t / (1 + (s - 1) * t)
+    euler_sampler(model, z, y, num_steps=5, cls_latents=zc, time_shift=s, cfg_scale=2.0, guidance_high=0.7)
+    grid = [1 - k / 5 for k in range(5)]
+    assert [c["t"] for c in model.calls] == pytest.approx([closed(t) for t in grid], abs=1e-7)
+    assert [c["n"] for c in model.calls] == [2 if closed(t) > 0.7 else 4 for t in grid] == [2, 2, 2, 4, 4]
+    model.calls.clear()
+    euler_maruyama_sampler(model, z, y, num_steps=4, cls_latents=zc, time_shift=s)
+    sde_grid = [1.0, 0.68, 0.36, 0.04]
+    assert [c["t"] for c in model.calls] == pytest.approx([closed(t) for t in sde_grid], abs=1e-7)
+    # the library's own formula, on the float64 grid
+    t = torch.linspace(1.0, 0.0, 11, dtype=torch.float64)
+    assert torch.equal(time_shift(t, 1.0), t)
+    torch.testing.assert_close(time_shift(t, s), s * t / (1 + (s - 1) * t), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_shifted_ode_still_lands_on_the_gaussian_flow_map(path):
+    """A time shift only re-spaces the grid: the ODE's solution is the same flow map."""
+    model = GaussianVelocity(path)
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(32, 2, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (32,), generator=g)
+    exact = gaussian_flow_map(z, model.image_mean(y, z), model.s, path)
+    x = euler_sampler(model, z, y, num_steps=160, heun=True, path_type=path, time_shift=2.5,
+                      cls_latents=torch.zeros(32, 3, dtype=torch.float64))
+    assert (x - exact).abs().max() < 5e-3     # coarser last steps than unshifted (s > 1 crowds t near 1)
+    coarse = euler_sampler(model, z, y, num_steps=10, heun=True, path_type=path, time_shift=2.5,
+                           cls_latents=torch.zeros(32, 3, dtype=torch.float64))
+    assert (coarse - exact).abs().max() > 5 * (x - exact).abs().max()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "2"])
+def test_bad_time_shift(bad):
+    with pytest.raises(ValueError, match="time_shift"):
+        euler_sampler(GaussianVelocity("linear"), torch.randn(1, 1, 2, 2), torch.tensor([0]),
+                      cls_latents=torch.randn(1, 3), num_steps=2, time_shift=bad)
+
+
+#################################################################################
+#                             Noise sources, replay                             #
+#################################################################################
+
+def test_per_sample_noise_does_not_depend_on_the_batch():
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    x = torch.zeros(3, 2, 4, dtype=torch.float64)
+    batch = PerSampleNoise(gens([5, 6, 7])).randn_like(x)
+    alone = PerSampleNoise(gens([6])).randn_like(x[:1])
+    assert batch.dtype == torch.float64 and batch.shape == x.shape
+    assert torch.equal(batch[1:2], alone) and not torch.equal(batch[0], batch[1])
+    with pytest.raises(ValueError, match="2 samples requested from 3 generators"):
+        PerSampleNoise(gens([1, 2, 3])).randn_like(x[:2])
+    torch.manual_seed(0)
+    a = GLOBAL_NOISE.randn_like(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.randn_like(x))
+    with pytest.raises(ValueError, match="not both"):
+        euler_maruyama_sampler(GaussianVelocity("linear"), torch.randn(1, 1, 2, 2), torch.tensor([0]),
+                               cls_latents=torch.randn(1, 3), noise=GLOBAL_NOISE, noise_fn=torch.randn_like)
+    with pytest.raises(TypeError, match="randn_like"):
+        euler_maruyama_sampler(GaussianVelocity("linear"), torch.randn(1, 1, 2, 2), torch.tensor([0]),
+                               cls_latents=torch.randn(1, 3), noise=42)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.6, time_shift=2.0)])
+def test_replay_draws_makes_exactly_the_real_draws_without_the_network(case):
+    """replay_draws leaves the global generator where a real run leaves it (same number, shapes and
+    dtypes of draws), calls no network; draw_plan lists them and draws nothing."""
+    model = Recorder(_real_model("reg"))
+    x, y, cls = _noise()
+    torch.manual_seed(5)
+    euler_maruyama_sampler(model, x, y, num_steps=5, cls_latents=cls, **case)
+    after_real = torch.rand(3)
+    calls = len(model.calls)
+    torch.manual_seed(5)
+    log = replay_draws(euler_maruyama_sampler, x, y, GLOBAL_NOISE, cls_latents=cls, num_steps=5, **case)
+    assert torch.equal(torch.rand(3), after_real)
+    assert len(model.calls) == calls                                   # no network call
+    assert log == [((3, 4, 8, 8), torch.float64, "cpu"), ((3, 16), torch.float64, "cpu")] * 4
+    torch.manual_seed(5)
+    assert draw_plan(euler_maruyama_sampler, x, y, cls_latents=cls, num_steps=5, **case) == log
+    after_plan = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_plan, torch.rand(3))                      # the plan drew nothing
+    assert draw_plan(euler_sampler, x, y, cls_latents=cls, num_steps=5, heun=True) == []
+    assert draw_plan(euler_maruyama_sampler, x, y, num_steps=3) == [((3, 4, 8, 8), torch.float64, "cpu")] * 2
+
+
+def test_samplers_registry_accepts_the_common_arguments():
+    """Every registered sampler takes the keyword arguments generate.py passes."""
+    model = GaussianVelocity("linear")
+    kwargs = dict(num_steps=2, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, path_type="linear",
+                  cls_cfg_scale=0.0, time_shift=1.0, noise=GLOBAL_NOISE, cls_latents=torch.randn(2, 3))
+    for name, sampler in samplers.SAMPLERS.items():
+        out = sampler(model, torch.randn(2, 1, 2, 2), torch.tensor([0, 1]), **kwargs)
+        assert out.shape == (2, 1, 2, 2), name
