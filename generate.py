@@ -80,13 +80,12 @@ from cli import PRECISIONS, RankZeroParser, add_runtime_args, set_tf32
 from fileio import (atomic_open, atomic_save_npz, atomic_write_json, file_sha256, is_temp_file, read_json,
                     remove_stale_temp_files)
 from loss import PATH_TYPES, resolution_shift
-from models.autoencoder import Autoencoder
+from models.autoencoder import Autoencoder, decoder_for
 from models.sit import SIT_CONFIGS, SiT, SiT_models
 from runtime import Procs, one_line
 from samplers import GlobalNoise, PerSampleNoise, SAMPLERS, draw_plan, replay_draws, to_device
 
 # Latent codecs that are not the SD-VAE: --vae (an SD-VAE decoder) cannot stand in for them.
-NOT_SD_VAE = ("identity", "random-tiny")
 SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SHARD_RE = re.compile(r"^(img-\d{7}-\d{7}|rank\d{3}-batch\d{6})\.npz$")
 SHARD_KEYS = ("images", "labels", "indices")
@@ -485,7 +484,7 @@ def load_model(parser: RankZeroParser, args):
         # the shapes decide; a stored name only names what the table does not know
         name=next((n for n, c in SIT_CONFIGS.items() if c == shape), None)
         or ckpt.get("model_name") or train_args.get("model"),
-        autoencoder=ckpt.get("autoencoder"),
+        autoencoder=ckpt.get("autoencoder"), codec=ckpt.get("codec"),
         path_type=train_args.get("path_type"),
         encoder_depth=(ckpt.get("model_config") or {}).get("encoder_depth", train_args.get("encoder_depth")),
         time_shift=None if time_shift is None else bool(time_shift),
@@ -495,21 +494,18 @@ def load_model(parser: RankZeroParser, args):
     return model.eval().requires_grad_(False), facts
 
 
-def codec_spec(parser: RankZeroParser, args, ckpt_codec: str | None) -> str:
-    """Which decoder: --vae-path, else --vae, else the checkpoint's own codec if it is not an SD-VAE,
-    else the release's default (the EMA-fine-tuned SD-VAE; both SD-VAEs share the encoder)."""
-    if args.vae_path is not None:
+def codec_spec(parser: RankZeroParser, args, facts: dict) -> str:
+    """Which decoder: models.autoencoder.decoder_for on the checkpoint's recorded codec (SD-VAE latents,
+    from the hub or a local copy, decode with the EMA decoder as released; --vae / --vae-path choose;
+    other codecs decode with themselves). Release checkpoints record none: SD-VAE latents, or whatever
+    --vae-path gives (then only its channels are checked against the model, in check_codec)."""
+    recorded = facts["codec"] or facts["autoencoder"]
+    if recorded is None and args.vae_path is not None:
         return os.path.abspath(args.vae_path)
-    if ckpt_codec in NOT_SD_VAE:
-        if args.vae is not None:
-            parser.error(f"--vae {args.vae}: this checkpoint was trained on {ckpt_codec!r} latents, not SD-VAE ones; "
-                         "drop --vae (its own codec is used)")
-        return ckpt_codec
-    if args.vae is not None:
-        return args.vae
-    if ckpt_codec is None or ckpt_codec in SD_VAES or ckpt_codec in SD_VAES.values():
-        return "ema"
-    return ckpt_codec  # another codec (Hugging Face id or local folder) recorded at training time
+    try:
+        return decoder_for(facts["codec"] or facts["autoencoder"], args.vae, args.vae_path)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(one_line(e))
 
 
 def resolve_sampler_args(parser: RankZeroParser, args, model) -> None:
@@ -961,7 +957,7 @@ def _run(parser: RankZeroParser, args, procs: Procs) -> str | None:
     model, facts = load_model(parser, args)
     resolve_sampler_args(parser, args, model)
     check_flags(parser, args, model, facts)
-    spec = codec_spec(parser, args, facts["autoencoder"])
+    spec = codec_spec(parser, args, facts)
     try:
         codec = Autoencoder.from_spec(spec, device=device)
     except (OSError, ValueError, ImportError, RuntimeError) as e:

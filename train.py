@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-cfg-scale", type=float, default=4.0, help="guidance of the EMA sample grids")
     g.add_argument("--num-sample-images", type=int, default=16, help="images per EMA sample grid")
     g.add_argument("--vae", type=str, default=None,
-                   help="autoencoder spec for decoding sample grids (default: the one the dataset was encoded with)")
+                   help="decoder of the sample grids: ema or mse (SD-VAE), or a local autoencoder folder; default: "
+                        "the EMA SD-VAE for SD-VAE latents (as released), else the codec the data was encoded with")
     return p
 
 
@@ -249,7 +250,8 @@ def train_step(state: TrainState, micro_batches, objective: REGObjective, prepar
 class Prepare:
     """A loader batch -> the objective's inputs: latents drawn from the stored [mean, std]
     (scale and bias from the dataset's manifest: no VAE weights needed), labels, and the
-    encoder targets, from the feature cache or from the encoders run on the images.
+    encoder targets, from the feature cache or from the encoders run on the images (with a
+    class-token-only cache: the class token from the cache, the patch tokens from the encoders).
     REG aligns class + patch tokens; plain REPA/SiT models align the patch tokens only."""
 
     def __init__(self, model, device, scale: float, bias: float, encoders=(), use_features=False, autocast=None):
@@ -262,17 +264,20 @@ class Prepare:
         moments = batch["moments"].to(self.device, non_blocking=True)
         x = sample_latents(moments, self.scale, self.bias)                     # (N, C, h, w)
         y = batch["label"].to(self.device, non_blocking=True)
-        zs = cls = None
+        if not (self.use_features or self.encoders):
+            return dict(x=x, y=y)
+        cls_list = tok_list = None
         if self.use_features:
             cls_list = [c.to(self.device, non_blocking=True).float() for c in _as_list(batch["enc_cls"])]
-            tok_list = [t.to(self.device, non_blocking=True).float() for t in _as_list(batch.get("enc_tokens", []))]
-        elif self.encoders:
+            if "enc_tokens" in batch:
+                tok_list = [t.to(self.device, non_blocking=True).float() for t in _as_list(batch["enc_tokens"])]
+        if self.encoders and (cls_list is None or (self.align and tok_list is None)):
             images = batch["image"].to(self.device, non_blocking=True)
             with self.autocast():
-                outs = [enc(images) for enc in self.encoders]
-            cls_list, tok_list = [c for c, _ in outs], [t for _, t in outs]
-        else:
-            return dict(x=x, y=y)
+                outs = [enc(images) for enc in self.encoders]                  # [(cls (N, Z), tokens (N, 1+T, Z))]
+            cls_list = cls_list or [c for c, _ in outs]                        # a cls cache wins for the class token
+            tok_list = [t for _, t in outs]
+        zs = cls = None
         if self.align:
             zs = tok_list if self.cls_dim else [t[:, 1:] for t in tok_list]
         if self.cls_dim:
@@ -428,26 +433,46 @@ WEIGHT_FREE_CONFIG = ("fused_attn",)  # model settings that change no weight: fr
 
 def build(args, parser):
     """Everything a run needs, as a namespace; errors are one line through parser.error."""
+    run = argparse.Namespace(args=args)
+    load_data(run, parser)
+    start_processes(run, parser)
+    build_model(run, parser)
+    build_training(run, parser)
+    return run
+
+
+def load_data(run, parser) -> None:
+    """The dataset, and which encoder outputs come from its feature cache: all (a full cache), the
+    class token only (a cls cache; the encoders still run for the patch tokens when aligning), or none."""
+    from dataset import REGDataset
+    from models.encoders import parse_enc_types, weights_record
+
+    args = run.args
+    run.needs_encoder = args.proj_coeff > 0 or args.cls > 0
+    try:
+        run.enc_types = parse_enc_types(args.enc_type) if run.needs_encoder else []
+        weights = {}
+        for name in run.enc_types:       # a cache made with other weights than this run's is refused
+            with contextlib.suppress(OSError, ValueError):
+                weights[name] = weights_record(name)
+        run.dataset = REGDataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
+                                 use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if run.dataset.resolution != args.resolution:
+        parser.error(f"--resolution {args.resolution} does not match the data in {args.data_dir} ({run.dataset.resolution})")
+    kind = run.dataset.feature_kind if run.needs_encoder else "none"
+    run.use_features = kind != "none"
+    run.online_encoders = run.needs_encoder and (kind == "none" or (kind == "cls" and args.proj_coeff > 0))
+
+
+def start_processes(run, parser) -> None:
+    """One data-parallel job on whatever device exists (gloo when there is no GPU), never independent
+    copies; a generous collective timeout, so a slow checkpoint write cannot abort it."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
-    from dataset import REGDataset
-    from models.encoders import load_encoders, parse_enc_types
-    from models.sit import create_model
-
-    run = argparse.Namespace(args=args)
-    needs_encoder = args.proj_coeff > 0 or args.cls > 0
-    try:
-        run.enc_types = parse_enc_types(args.enc_type) if needs_encoder else []
-        run.dataset = dataset = REGDataset(args.data_dir, enc_types=run.enc_types,
-                                           use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    if dataset.resolution != args.resolution:
-        parser.error(f"--resolution {args.resolution} does not match the data in {args.data_dir} ({dataset.resolution})")
-
-    # Processes: one data-parallel job on whatever device exists (gloo when there is no GPU), never
-    # independent copies; a generous collective timeout, so a slow checkpoint write cannot abort it.
+    args = run.args
     _, world_env, local_rank = launcher_env()
     device = resolve_device(args.device, local_rank, world_env)       # checked in check_args
     pinned_device = world_env == 1 and device.type == "cuda" and args.device and ":" in args.device
@@ -487,20 +512,29 @@ def build(args, parser):
     cli.set_tf32(args.tf32 and run.device.type == "cuda")
     run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info)
 
-    # Encoders (only when the cache cannot stand in for them), then the model: its architecture
-    # comes from --resume-from's checkpoint when given, else from the flags.
-    run.use_features = needs_encoder and dataset.feature_kind != "none"
-    if run.use_features and args.proj_coeff > 0 and dataset.feature_kind != "full":
-        parser.error("the dataset's feature cache holds class tokens only, but --proj-coeff > 0 needs the patch tokens; "
-                     "use --cached-features no or cache full features")
+
+def build_model(run, parser) -> None:
+    """The encoders that must run online, and the SiT: its architecture from --resume-from's
+    checkpoint when given, else from the flags; the token counts are checked before anything heavy."""
+    from models.encoders import check_token_count, load_encoders
+    from models.sit import SiT, create_model
+
+    args, dataset, acc = run.args, run.dataset, run.accelerator
+    channels, size = dataset.latent_shape[0] // 2, dataset.latent_shape[-1]
+    patch = SIT_CONFIGS[args.model][3]
+    if args.proj_coeff > 0 and not args.resume_from:
+        try:
+            check_token_count(run.enc_types, args.resolution, (size // patch) ** 2)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         with acc.local_main_process_first():  # a download (torch.hub) once per node, then the others read it
-            encoders = [] if (not needs_encoder or run.use_features) else load_encoders(run.enc_types, args.resolution, run.device)
+            run.encoders = load_encoders(run.enc_types, args.resolution, run.device) if run.online_encoders else []
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    z_dims = [dataset.encoder_widths[e] for e in run.enc_types] if run.use_features else [e.embed_dim for e in encoders]
-    latent_channels, latent_size = dataset.latent_shape[0] // 2, dataset.latent_shape[-1]
-    config = dict(input_size=latent_size, in_channels=latent_channels, num_classes=args.num_classes or dataset.num_classes,
+    z_dims = ([dataset.encoder_widths[e] for e in run.enc_types] if run.use_features
+              else [e.embed_dim for e in run.encoders])
+    config = dict(input_size=size, in_channels=channels, num_classes=args.num_classes or dataset.num_classes,
                   class_dropout_prob=args.cfg_prob, z_dims=z_dims if args.proj_coeff > 0 else [],
                   projector_dim=args.projector_dim, encoder_depth=args.encoder_depth,
                   cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn)
@@ -508,22 +542,30 @@ def build(args, parser):
     if args.resume_from:
         run.resume_ckpt = read_checkpoint(args.resume_from, parser)
         config = checkpoint_config(run.resume_ckpt, fused_attn=args.fused_attn)
-        check_data_fits(config, z_dims, latent_channels, latent_size, args.resume_from, parser)
+        check_data_fits(config, z_dims, channels, size, args.resume_from, parser)
     torch.manual_seed(args.seed)  # the same initial weights on every process
     try:
-        model = create_model(args.model, **config) if not args.resume_from else _sit(config)
+        run.model = SiT(**config) if args.resume_from else create_model(args.model, **config)
     except ValueError as e:
         parser.error(str(e))
     if args.init_from:
-        init_weights_from(model, read_checkpoint(args.init_from, parser), args.init_from)
-    run.model_name = args.model if not args.resume_from else (run.resume_ckpt.get("model_name") or args.model)
+        init_weights_from(run.model, read_checkpoint(args.init_from, parser), args.init_from)
+    run.model_name = run.resume_ckpt.get("model_name", args.model) if args.resume_from else args.model
+    run.latent_shape = (channels, size, size)
+
+
+def build_training(run, parser) -> None:
+    """EMA (on the saving process), optimizer (under the non-finite guard), grad scaler, DDP, the
+    objective and the batch preparation."""
+    args, acc, model = run.args, run.accelerator, run.model
     ema = copy.deepcopy(model).requires_grad_(False).eval() if acc.is_main_process else None  # an exact copy
     model.to(run.device)
     if ema is not None:
         ema.to(run.device)
     try:
-        optimizer = make_optimizer(model.parameters(), args.adam_impl, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        optimizer = make_optimizer(model.parameters(), args.adam_impl, lr=args.learning_rate,
+                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                   eps=args.adam_epsilon)
     except ValueError as e:
         parser.error(str(e))
     if args.nonfinite == "skip":
@@ -531,20 +573,19 @@ def build(args, parser):
     if args.compile:
         # Before DDP wraps the model; in place, so state-dict keys (and checkpoints) are unchanged.
         model.compile_blocks()
-        for enc in encoders:
+        for enc in run.encoders:
             enc.compile()
     run.state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
                            scaler=torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16"),
                            forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm)
-    shift = resolution_shift((latent_channels, latent_size, latent_size), args.shift_base) if args.time_shift else 1.0
+    shift = resolution_shift(run.latent_shape, args.shift_base) if args.time_shift else 1.0
     run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
                                  weighting=args.weighting, prediction=args.prediction, time_shift=shift,
                                  cfm_coeff=args.cfm_coeff)
-    run.prepare = Prepare(model, run.device, dataset.latent_scale, dataset.latent_bias, encoders, run.use_features,
-                          autocast=run.state.autocast)
+    run.prepare = Prepare(model, run.device, run.dataset.latent_scale, run.dataset.latent_bias, run.encoders,
+                          run.use_features, autocast=run.state.autocast)
     run.rng = RNGStates(lambda obj: gather_objects(acc, obj), run.rank, run.world, run.device)
     run.data_position = DataPosition(run.state, args.gradient_accumulation_steps, run.world, run.local_batch, args.seed)
-    return run
 
 
 def setup_logging(path: str) -> None:
@@ -557,11 +598,6 @@ def setup_logging(path: str) -> None:
         handler._train_log = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-
-
-def _sit(config):
-    from models.sit import SiT
-    return SiT(**config)
 
 
 def gather_objects(acc, obj) -> list:
@@ -774,6 +810,7 @@ def save(run) -> None:
     run.checkpointer.save(state.step, dict(
         model=state.model, ema=state.ema, opt=state.optimizer, steps=state.step, args=vars(args),
         model_name=run.model_name, model_config=state.model.config, autoencoder=run.dataset.autoencoder_spec,
+        codec=run.dataset.codec_identity,
         enc_types=run.enc_types, scaler=state.scaler if state.scaler.is_enabled() else None,
         rng=rng, data=run.data_position))
     logger.info(f"step {state.step}: writing a checkpoint" + (f" ({run.world} replicas in sync)" if run.world > 1 else ""))
@@ -798,9 +835,12 @@ class SampleGrids:
         if self.disabled or run.state.ema is None:
             return
         if self.codec is None:
-            from models.autoencoder import Autoencoder
+            from models.autoencoder import Autoencoder, decoder_for
             spec = args.vae or run.dataset.autoencoder_spec
             try:
+                # SD-VAE latents decode with the EMA decoder (as released); --vae ema|mse or a path chooses
+                chosen = dict(vae=args.vae) if args.vae in ("ema", "mse") else dict(vae_path=args.vae)
+                spec = decoder_for(run.dataset.codec_identity, **chosen)
                 self.codec = Autoencoder.from_spec(spec, device=run.device)
             except (OSError, ValueError, ImportError, RuntimeError) as e:
                 self.disabled = True
@@ -855,6 +895,12 @@ def make_loader(run):
     )
 
 
+def feature_source(run) -> str:
+    if not run.use_features:
+        return "online"
+    return "cached class tokens, patch tokens online" if run.online_encoders else "cached features"
+
+
 def start_logging(run) -> None:
     args, acc, model = run.args, run.accelerator, run.state.model
     if not acc.is_main_process:
@@ -862,7 +908,7 @@ def start_logging(run) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{run.model_name}: {n_params / 1e6:.2f}M parameters; class token: {model.cls_token_dim or 'off'}; "
                 f"projectors: {model.z_dims or 'off'}; encoders: {run.enc_types or 'none'} "
-                f"({'cached features' if run.use_features else 'online'}); {run.world} process(es), "
+                f"({feature_source(run)}); {run.world} process(es), "
                 f"{run.local_batch} per micro-batch")
     config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
     kwargs = {"tensorboard": {"purge_step": run.state.step}} if args.report_to == "tensorboard" else {}

@@ -41,7 +41,7 @@ import loss as loss_module  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from loss import REGObjective, SILoss  # noqa: E402
 from models.autoencoder import SD_VAE_SCALE  # noqa: E402
-from models.encoders import ENCODER_WIDTHS, Encoder, build_encoder, timm_model_name  # noqa: E402
+from models.encoders import ENCODER_WIDTHS, random_encoder  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
 from optim import GuardedAdamW, make_optimizer  # noqa: E402
 from train import Prepare, TrainState, train_step  # noqa: E402
@@ -145,17 +145,8 @@ def check_args(args, p):
 
 
 def make_encoder(name, resolution, device):
-    """The encoder architecture with random weights (timing does not depend on the weights)."""
-    if name.startswith("random-"):
-        enc = build_encoder(name, resolution)
-    else:
-        import timm
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            backbone = timm.create_model(timm_model_name(name), pretrained=False,
-                                         img_size=224 * resolution // 256, num_classes=0)
-        enc = Encoder(name, backbone, "timm", resolution)
-    return enc.to(device)
+    """The encoder's registered architecture with random weights (timing does not depend on them)."""
+    return random_encoder(name, resolution).to(device)
 
 
 def make_batch(args, z, device, with_images):

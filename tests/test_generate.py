@@ -448,7 +448,7 @@ def test_decoder_out_of_memory_never_resamples(ckpts, tmp_path, monkeypatch, cap
     (["--num-classes", 1000], "--num-classes 1000 but the checkpoint has 5 classes"),
     (["--qk-norm"], "--qk-norm but the checkpoint was trained without QK-norm"),
     (["--path-type", "cosine"], "--path-type cosine but the checkpoint was trained on the linear path"),
-    (["--vae", "ema"], "trained on 'identity' latents"),
+    (["--vae", "ema"], "made by 'identity', which decodes with itself"),
     (["--heun"], "--heun applies to --mode ode only"),
     (["--cfg-scale", 0.5], "--cfg-scale must be >= 1"),
     (["--guidance-low", 0.9, "--guidance-high", 0.5], "need 0 <= --guidance-low <= --guidance-high <= 1"),
@@ -472,7 +472,7 @@ def test_bad_checkpoints_and_foreign_sample_dirs(ckpts, tmp_path, capsys):
     err = fails(capsys, "--ckpt", ckpts["release"])                  # SD-VAE weights are not here
     assert "cannot load the decoder 'ema'" in err and "--vae-path" in err
     err = fails(capsys, "--ckpt", ckpts["reg"], "--vae-path", ckpts["vae"])
-    assert "has 4 latent channels but the model denoises 3" in err
+    assert "made by 'identity', which decodes with itself; drop --vae-path" in err
     assert "config.json" in fails(capsys, "--ckpt", ckpts["release"], "--vae-path", tmp_path)   # not a VAE folder
 
     base = ["--ckpt", ckpts["reg"], "--sample-dir", tmp_path, "--name", "x", "--num-fid-samples", 2, *SDE]

@@ -200,6 +200,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (("--resume-from", "/nonexistent.pt"), "no such checkpoint file"),
     (("--nonfinite-patience", "0"), "--nonfinite-patience must be >= 1"),
     (("--device", "cuda:1"), "CUDA" if not torch.cuda.is_available() else "cuda"),
+    (("--model", "SiT-T/4"), "random-vit-tiny gives 4 patch tokens at 32 px but the SiT has 1 image tokens"),
 ])
 def test_bad_input_is_one_clear_line(data_dir, tmp_path, capsys, change, message):
     args = base_args(data_dir, tmp_path, "bad", 2)
@@ -302,3 +303,22 @@ def test_compile_needs_torch_2_5_and_says_so(data_dir, tmp_path, monkeypatch, ca
         train.main(base_args(data_dir, tmp_path, "old", 1, compile=None))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--compile needs torch >= 2.5" in err and "2.4.1" in err
+
+
+def test_a_class_token_cache_serves_the_class_token_while_the_encoder_gives_the_patch_tokens(
+        data_dir, tmp_path, caplog):
+    """A cache of class tokens only, with alignment on: the class token comes from the cache and the
+    encoder runs online for the patch tokens (instead of stopping)."""
+    import shutil
+
+    from preprocessing import dataset_tools
+    data = tmp_path / "data"
+    for part in ("images", "vae-latents", "pca-f8c4.pt"):
+        (shutil.copytree if (data_dir / part).is_dir() else shutil.copy)(data_dir / part, data / part)
+    dataset_tools.main(["cache-features", "--source", str(data / "images"), "--enc-type", "random-vit-tiny",
+                        "--kind", "cls", "--workers", "0"])
+    train.main(base_args(data, tmp_path, "clscache", 2, cached_features="auto"))
+    assert "cached class tokens, patch tokens online" in caplog.text
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "clscache/checkpoints/0000002.pt"))
+    assert ckpt["model_config"]["z_dims"] == [64] and ckpt["model_config"]["cls_token_dim"] == 64
+    assert ckpt["codec"]["family"] == "pca"
