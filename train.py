@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 import cli
+import online_eval
 from checkpoint import CheckpointError, Checkpointer, checkpoint_paths, infer_model_config
 from fileio import atomic_open, atomic_write_bytes
 from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective, resolution_shift
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", type=str, default=None,
                    help="decoder of the sample grids: ema or mse (SD-VAE), or a local autoencoder folder; default: "
                         "the EMA SD-VAE for SD-VAE latents (as released), else the codec the data was encoded with")
+    online_eval.add_args(p)
     return p
 
 
@@ -169,6 +171,7 @@ def check_args(args, parser):
     for flag, path in (("--resume-from", args.resume_from), ("--init-from", args.init_from)):
         if path and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such checkpoint file")
+    online_eval.check_args(args, parser)
     if not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist; prepare it with preprocessing/dataset_tools.py (see README)")
     _, world, local_rank = launcher_env()
@@ -388,7 +391,11 @@ class MetricsLog:
         self.sums = row if self.sums is None else self.sums + row
         self.count += 1
 
-    def flush(self, step: int) -> dict:
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training (an evaluation) out of the step rate."""
+        self.t0 += seconds
+
+    def flush(self, step: int, extra: dict | None = None) -> dict:
         sums = self.acc.reduce(self.sums, reduction="mean").tolist()           # host sync
         steps, elapsed = self.count, time.time() - self.t0
         logs = {k: v / steps for k, v in zip(self.names, sums)}
@@ -397,6 +404,7 @@ class MetricsLog:
         logs["skipped_steps"] = int(round(sums[-1]))
         logs["steps_per_sec"] = steps / elapsed
         logs["images_per_sec"] = steps * self.batch_size / elapsed
+        logs.update(extra or {})
         logs = {k: (v if v is None or math.isfinite(v) else None) for k, v in logs.items()}
         self.acc.log({k: v for k, v in logs.items() if v is not None}, step=step)
         if self.acc.is_main_process:
@@ -935,6 +943,7 @@ def main(argv=None):
     start_logging(run)
     log = MetricsLog(os.path.join(run.exp_dir, "metrics.jsonl"), acc, args.batch_size, state.step)
     grids = SampleGrids(run)
+    evaluate = build_online_eval(run, parser)
     data = iter(make_loader(run))
     progress = tqdm(total=args.max_train_steps, initial=state.step, desc="train", dynamic_ncols=True,
                     disable=not acc.is_main_process)
@@ -948,8 +957,11 @@ def main(argv=None):
             progress.update(1)
             check_nonfinite(run)
             step, last = state.step, state.step == args.max_train_steps
-            if step % args.log_every == 0 or step % args.checkpointing_steps == 0 or last:
-                logs = log.flush(step)
+            scores = evaluate() if evaluate and step % args.fid_every == 0 else None
+            if scores is not None:
+                log.exclude(scores.get("eval_seconds", 0.0))
+            if step % args.log_every == 0 or step % args.checkpointing_steps == 0 or last or scores is not None:
+                logs = log.flush(step, scores)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}" if logs["loss"] is not None else "nan",
                                      img_s=f"{logs['images_per_sec']:.1f}")
                 check_nonfinite(run, logs)
@@ -964,6 +976,16 @@ def main(argv=None):
     acc.end_training()
     if acc.is_main_process:
         logger.info(f"done: {state.step} steps; checkpoints in {run.ckpt_dir}")
+
+
+def build_online_eval(run, parser):
+    """FID (or the --fid-metric) of the EMA model every --fid-every steps; None when off."""
+    if not run.args.fid_every:
+        return None
+    try:
+        return online_eval.OnlineEvaluation(run)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        parser.error(f"cannot set up the evaluation during training: {one_line(e)}")
 
 
 def check_nonfinite(run, logs: dict | None = None) -> None:

@@ -1,0 +1,131 @@
+"""FID (and the rest of ADM's numbers) during training: the EMA model is sampled on K fixed images
+every N steps, split over all processes, and scored against a reference batch.
+
+    train.py ... --fid-every 50000 --fid-num-samples 10000 --fid-ref VIRTUAL_imagenet256_labeled.npz
+
+The same K images (per-image seeds: the same noises and labels at every evaluation, whatever the
+number of processes), so the curve shows the model, not the noise. Sampling and decoding come from
+generate.py (``sample_batch``), the features and statistics from the evaluator (Inception loaded
+once and kept; the reference statistics read, or computed once and cached). Evaluating does not
+touch the training trajectory: no RNG state changes, the weights are only read.
+
+The metric is pluggable: ``adm`` (ADM's five numbers on Inception features) or ``digits`` (the
+built-in digits dataset's Frechet distance on a digit classifier's features, evaluations/digits.py).
+Anything with ``activations(images) -> dict of arrays`` and ``metrics_from_activations(list) ->
+dict`` fits. Names carry K (``fid_10k``): an FID of 10K samples is not comparable with the paper's
+50K-sample FID (it is biased upwards by a few tenths at that size).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+
+METRICS = ("adm", "digits")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation during training (off by default)")
+    g.add_argument("--fid-every", type=int, default=0, help="evaluate the EMA model every N steps (0: never)")
+    g.add_argument("--fid-num-samples", type=int, default=10000, help="K images per evaluation (names say K)")
+    g.add_argument("--fid-ref", default=None, help="reference batch (ADM's .npz, e.g. VIRTUAL_imagenet256_labeled.npz)")
+    g.add_argument("--fid-metric", choices=METRICS, default="adm",
+                   help="adm: IS/FID/sFID/precision/recall on Inception features; digits: the built-in data's metric")
+    g.add_argument("--fid-inception-weights", default=None, help="Inception weights (default: $REG_INCEPTION_WEIGHTS)")
+    g.add_argument("--fid-mode", choices=["sde", "ode"], default="sde", help="sampler (the paper's evaluation: sde)")
+    g.add_argument("--fid-num-steps", type=int, default=250)
+    g.add_argument("--fid-cfg-scale", type=float, default=2.3)
+    g.add_argument("--fid-cls-cfg-scale", type=float, default=2.3)
+    g.add_argument("--fid-guidance-low", type=float, default=0.0)
+    g.add_argument("--fid-guidance-high", type=float, default=0.85)
+    g.add_argument("--fid-seed", type=int, default=0, help="seed of the K images' noises and labels")
+    g.add_argument("--fid-batch-size", type=int, default=64, help="images per process and sampler call")
+    g.add_argument("--fid-class-balanced", action="store_true", help="label of image i = i %% num_classes")
+
+
+def check_args(args, parser) -> None:
+    if args.fid_every < 0 or args.fid_num_samples < 1 or args.fid_batch_size < 1 or args.fid_num_steps < 1:
+        parser.error("--fid-every must be >= 0; --fid-num-samples, --fid-batch-size and --fid-num-steps positive")
+    if args.fid_every and args.fid_metric == "adm" and not args.fid_ref:
+        parser.error("--fid-every needs --fid-ref (a reference batch, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    if args.fid_every and args.fid_cfg_scale < 1:
+        parser.error(f"--fid-cfg-scale must be >= 1 (1 = no guidance), got {args.fid_cfg_scale}")
+
+
+def suffix(k: int) -> str:
+    """'10k' for 10000 images, '200' for 200: the K in a metric's name."""
+    return f"{k // 1000}k" if k % 1000 == 0 else str(k)
+
+
+class OnlineEvaluation:
+    """Built once at the start of a run (decoder and metric loaded, errors one line); called at
+    evaluation steps on every process; returns the metrics on the main process ({} elsewhere)."""
+
+    def __init__(self, run, metric=None):
+        from generate import SampleSettings
+        from models.autoencoder import Autoencoder, decoder_for
+
+        args, model = run.args, run.state.model
+        self.run, self.k = run, args.fid_num_samples
+        self.settings = SampleSettings(
+            mode=args.fid_mode, num_steps=args.fid_num_steps, cfg_scale=args.fid_cfg_scale,
+            cls_cfg_scale=args.fid_cls_cfg_scale if model.cls_token_dim else 0.0,
+            guidance_low=args.fid_guidance_low, guidance_high=args.fid_guidance_high, path_type=args.path_type,
+            time_shift=run.objective.loss.time_shift, class_balanced=args.fid_class_balanced, seed=args.fid_seed)
+        devices = [run.device] if run.device.type == "cuda" else []
+        # building networks draws random initial weights: keep that off the training's RNG streams
+        with run.accelerator.local_main_process_first(), torch.random.fork_rng(devices=devices):
+            self.codec = Autoencoder.from_spec(decoder_for(run.dataset.codec_identity), device=run.device)
+            self.metric = metric or build_metric(args, run.device)
+        lo, hi = self.k * run.rank // run.world, self.k * (run.rank + 1) // run.world
+        self.indices = np.arange(lo, hi)           # contiguous: gathered in rank order = image order
+        self._sampler = None
+
+    def _sampling_model(self):
+        """The EMA weights on every process: rank 0's own EMA, a broadcast copy elsewhere (freed after)."""
+        run = self.run
+        if run.world == 1:
+            return run.state.ema
+        model = run.state.ema if run.state.ema is not None else copy.deepcopy(run.state.model).eval()
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+        return model
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        from generate import sample_batch
+
+        from train import gather_objects
+
+        run, t0 = self.run, time.time()
+        devices = [run.device] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            model = self._sampling_model()
+            images = []
+            for start in range(0, len(self.indices), run.args.fid_batch_size):
+                idx = self.indices[start:start + run.args.fid_batch_size]
+                batch, _ = sample_batch(model, self.codec, idx, self.settings, run.device)
+                images.append(batch)
+            images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+            acts = self.metric.activations(images)
+            if model is not run.state.ema:
+                del model
+        gathered = gather_objects(run.accelerator, acts)
+        if not run.accelerator.is_main_process:
+            return {}
+        values = self.metric.metrics_from_activations(gathered)
+        k = suffix(self.k)
+        logs = {f"{name}_{k}": float(v) for name, v in values.items()}
+        logs["eval_seconds"] = time.time() - t0
+        return logs
+
+
+def build_metric(args, device):
+    if args.fid_metric == "digits":
+        from evaluations.digits import DigitsMetric
+        return DigitsMetric(device=device)
+    from evaluations.evaluator import Evaluator
+    return Evaluator(args.fid_ref, args.fid_inception_weights, device=device)
