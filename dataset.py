@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 
 import numpy as np
 import PIL.Image
@@ -142,6 +143,10 @@ def _preprocessing_differs(name: str, manifest: dict) -> str | None:
     return None
 
 
+class DataFileError(ValueError):
+    """A dataset file that cannot be read; the message names it, the step that wrote it, and the fix."""
+
+
 #################################################################################
 #                                   Dataset                                      #
 #################################################################################
@@ -178,7 +183,7 @@ class REGDataset(Dataset):
 
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
                  load_images: bool | None = None, images_dir: str | None = None,
-                 latents_dir: str | None = None, encoder_weights: dict | None = None):
+                 latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False):
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory {data_dir} does not exist")
         if use_features not in (True, False, "auto", "full", "cls"):
@@ -189,6 +194,7 @@ class REGDataset(Dataset):
             from models.encoders import parse_enc_types
             enc_types = parse_enc_types(enc_types)
         self._encoder_weights = encoder_weights or {}
+        self.skip_bad, self._warned = bool(skip_bad), set()
         self.data_dir = data_dir
         steps = self._scan_steps(data_dir)
 
@@ -431,25 +437,50 @@ class REGDataset(Dataset):
         return handle
 
     def __getitem__(self, i: int) -> dict:
+        if not self.skip_bad:
+            return self._item(i)
+        # --skip-bad-samples: a damaged item is replaced by the next readable one, the same on every
+        # rank and every rerun, so the data stream (and resume) stays deterministic.
+        for j in range(i, i + len(self)):
+            try:
+                return self._item(j % len(self))
+            except DataFileError as e:
+                if str(e) not in self._warned:
+                    self._warned.add(str(e))
+                    print(f"warning: skipping a damaged sample: {e}", file=sys.stderr, flush=True)
+        raise DataFileError(f"every sample of {self.data_dir} is damaged")
+
+    def _item(self, i: int) -> dict:
         latent_file = self._latent_files[i].decode("utf-8")
-        moments = np.load(os.path.join(self.latents_dir, latent_file))        # (2C, h, w) float32
-        if moments.shape != self.moments_shape:
-            raise ValueError(f"latent file {latent_file} has shape {moments.shape}, expected {self.moments_shape}")
+        path = os.path.join(self.latents_dir, latent_file)
+        try:
+            moments = np.load(path)                                            # (2C, h, w) float32
+            if moments.shape != self.moments_shape:
+                raise ValueError(f"shape {moments.shape}, expected {self.moments_shape}")
+        except (ValueError, OSError, EOFError) as e:
+            raise self._damaged(path, "encode", self.latents_dir, e) from None
         item = {"moments": torch.from_numpy(moments.astype(np.float32, copy=False)),
                 "label": torch.tensor(self.labels[i])}
         if self.load_images:
             name = self._image_files[i].decode("utf-8")
-            image = read_image(os.path.join(self.images_dir, name))            # (3, R, R) uint8
+            path = os.path.join(self.images_dir, name)
+            try:
+                image = read_image(path)                                       # (3, R, R) uint8
+            except (ValueError, OSError, SyntaxError) as e:
+                raise self._damaged(path, "convert", self.images_dir, e) from None
             if image.shape[-2:] != (self.resolution, self.resolution):
                 raise ValueError(f"image {name} is {image.shape[-1]}x{image.shape[-2]}, the dataset is "
                                  f"{self.resolution}x{self.resolution}")
             item["image"] = image
         if self._features:
             cls_list, tok_list = [], []
-            for k, (_, _, m) in enumerate(self._features):
+            for k, (_, folder, m) in enumerate(self._features):
                 row = int(self._feature_rows[k][i])
-                chunk = self._feature_chunk(k, row // int(m["chunk_size"]))
-                entry = chunk[row % int(m["chunk_size"])]                        # (Z,) or (1+T, Z)
+                c = row // int(m["chunk_size"])
+                try:
+                    entry = self._feature_chunk(k, c)[row % int(m["chunk_size"])]   # (Z,) or (1+T, Z)
+                except (ValueError, OSError, EOFError, IndexError) as e:
+                    raise self._damaged(os.path.join(folder, f"chunk-{c:06d}.npy"), "cache-features", folder, e) from None
                 if self.feature_kind == "full":
                     tokens = torch.from_numpy(np.array(entry))                  # (1 + T, Z) fp16
                     cls_list.append(tokens[0].clone())
@@ -462,6 +493,16 @@ class REGDataset(Dataset):
             if self.feature_kind == "full":
                 item["enc_tokens"] = tok_list
         return item
+
+    @staticmethod
+    def _damaged(path: str, step: str, folder: str, error: BaseException) -> "DataFileError":
+        manifest = read_manifest(folder) or {}
+        source = (manifest.get("params") or {}).get("source")
+        again = (f"python preprocessing/dataset_tools.py {step} --source {source} --dest {folder} ..." if source
+                 else f"the {step} step that wrote {folder}")
+        text = " ".join(str(error).split()) or type(error).__name__
+        return DataFileError(f"{path} is damaged ({text[:160]}); it was written by the {step} step: rerun {again} "
+                             "with its settings (it finds and redoes damaged files), or train with --skip-bad-samples")
 
     def key(self, i: int) -> str:
         """The shared name of item i (its image path without extension)."""

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes per training process")
     g.add_argument("--cached-features", choices=["auto", "yes", "no"], default="auto",
                    help="use the dataset's cached encoder outputs instead of running the encoder")
+    g.add_argument("--skip-bad-samples", action="store_true",
+                   help="replace a damaged sample by the next readable one (warned once; the same on every "
+                        "process and rerun, so resume stays exact) instead of stopping with its file named")
 
     g = p.add_argument_group("precision, speed and device")
     cli.add_runtime_args(g, precision_default="fp16", tf32_default=False, train=True,
@@ -464,6 +467,7 @@ def load_data(run, parser) -> None:
             with contextlib.suppress(OSError, ValueError):
                 weights[name] = weights_record(name)
         run.dataset = REGDataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
+                                 skip_bad=args.skip_bad_samples,
                                  use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
@@ -952,7 +956,7 @@ def main(argv=None):
     state.forward.train()
     try:
         while state.step < args.max_train_steps:
-            batches = [next(data) for _ in range(args.gradient_accumulation_steps)]
+            batches = next_batches(data, args.gradient_accumulation_steps, state.step)
             log.add(train_step(state, batches, run.objective, run.prepare))
             progress.update(1)
             check_nonfinite(run)
@@ -988,6 +992,20 @@ def build_online_eval(run, parser):
         parser.error(f"cannot set up the evaluation during training: {one_line(e)}")
 
 
+def next_batches(data, n: int, step: int) -> list:
+    """The micro-batches of the next step; a damaged file stops the run naming it and the step."""
+    from dataset import DataFileError
+    try:
+        return [next(data) for _ in range(n)]
+    except DataFileError as e:   # raised in a loader worker, its message wrapped in the worker's traceback
+        raise DataFileError(f"{last_line(e)} (while reading the data of step {step + 1})") from None
+
+
+def last_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].split("DataFileError: ", 1)[-1] if lines else type(e).__name__
+
+
 def check_nonfinite(run, logs: dict | None = None) -> None:
     """--nonfinite skip: stop after --nonfinite-patience consecutive skipped steps (known on the host
     one step late, for free). --nonfinite stop: stop at the first log step whose window had one."""
@@ -1009,4 +1027,9 @@ if __name__ == "__main__":
         main()
     except (FloatingPointError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as e:   # a damaged data file (dataset.DataFileError): its one line, not a traceback
+        if type(e).__name__ != "DataFileError":
+            raise
+        print(f"error: {last_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -41,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from dataset import (IMAGE_EXTS, LABELS, MANIFEST, PARTIAL, decode_image, features_dir_name,  # noqa: E402
                      image_key, list_files)
 from fileio import (atomic_open, atomic_torch_save, atomic_write_bytes, atomic_write_json,  # noqa: E402
-                    is_temp_file, npy_bytes, read_json)
+                    is_temp_file, npy_bytes, read_json, remove_stale_temp_files)
 from preprocessing.transforms import TRANSFORMS, apply_transform  # noqa: E402
 from runtime import Procs  # noqa: E402
 
@@ -175,6 +176,80 @@ def open_step(dest: str, kind: str, params: dict, write: bool = True) -> str:
     return "fresh"
 
 
+def start_step(ranks: Procs, dest: str, kind: str, params: dict) -> str:
+    """Rank 0 reads --dest: 'fresh', 'resume' or 'complete'. A complete step whose outputs are damaged
+    (missing, or cut short by a crash or a full disk) is reopened so that a rerun redoes just those;
+    temp files left by killed runs are removed before any rank writes. Every rank gets the answer."""
+    status = error = None
+    if ranks.rank == 0:
+        try:
+            status = open_step(dest, kind, params, write=False)
+            if status == "complete":
+                status = reopen_if_damaged(dest, kind, params)
+            if status == "resume":
+                remove_stale_temp_files(dest, recursive=True)
+        except ValueError as e:
+            error = str(e)
+    status, error = ranks.broadcast((status, error))
+    if error:
+        raise ValueError(error)
+    return status
+
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"    # a PNG's last chunk: a file cut short lacks it
+
+
+def _npy_size(shape, dtype) -> int:
+    """Bytes np.save writes for an array of this shape and dtype (header included)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                "shape": tuple(int(s) for s in shape)})
+    return buf.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def damaged_outputs(dest: str, kind: str, manifest: dict) -> list[str]:
+    """Outputs of a finished step that are missing or cut short: cheap checks, no decoding (a PNG
+    must end with its IEND chunk, a .npy must have its exact size)."""
+    if kind == "features":
+        rows = [min(manifest["chunk_size"], manifest["num_images"] - c * manifest["chunk_size"])
+                for c in range(manifest["num_chunks"])]
+        expected = {chunk_name(c): _npy_size((n, *manifest["item_shape"]), manifest["dtype"]) for c, n in enumerate(rows)}
+    else:
+        names = [n for n, _ in (read_json(os.path.join(dest, LABELS)).get("labels") or [])]
+        size = _npy_size(manifest["moments_shape"], np.float32) if kind == "latents" else None
+        expected = {n: size for n in names}
+    bad = []
+    for name, size in expected.items():
+        path = os.path.join(dest, name)
+        try:
+            if size is not None:
+                ok = os.path.getsize(path) == size
+            else:
+                with open(path, "rb") as f:
+                    f.seek(-len(PNG_END), os.SEEK_END)
+                    ok = f.read() == PNG_END
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(path)
+    return bad
+
+
+def reopen_if_damaged(dest: str, kind: str, params: dict) -> str:
+    manifest = read_json(os.path.join(dest, MANIFEST))
+    bad = damaged_outputs(dest, kind, manifest)
+    if not bad:
+        return "complete"
+    print(f"{dest}: {len(bad)} damaged or missing file(s), e.g. {bad[0]}: redoing them", file=sys.stderr)
+    for path in bad:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    atomic_write_json(os.path.join(dest, PARTIAL), {"kind": kind, "params": params,
+                                                    "started": time.strftime("%Y-%m-%d %H:%M:%S"), "repair": True})
+    os.remove(os.path.join(dest, MANIFEST))
+    return "resume"
+
+
 def _diff(old, new) -> str:
     if not isinstance(old, dict):
         return ""
@@ -256,6 +331,10 @@ def convert(source: str, dest: str, resolution: int, transform: str = "center-cr
             return {"status": "complete", "written": 0, "existing": len(files), "bad": []}
         raise ValueError(f"--dest {dest} already exists; give a new file name")
     status = open_step(out_dir, "images", params)
+    if status == "complete" and not to_zip:
+        status = reopen_if_damaged(out_dir, "images", params)
+    if status == "resume":
+        remove_stale_temp_files(out_dir, recursive=True)
     if status == "complete":
         return {"status": "complete", "written": 0, "existing": len(files), "bad": []}
 
@@ -400,7 +479,7 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
     ranks = Procs(device)
     try:
         params = {"source": src.path, "source_fingerprint": src.fingerprint(), "model_url": model_url}
-        status = open_step(dest, "latents", params, write=False)
+        status = start_step(ranks, dest, "latents", params)
         if status == "complete":
             return {"status": status, "written": 0, "rank": ranks.rank, "world": ranks.world_size}
         resolution = _source_resolution(src, src_manifest)
@@ -542,7 +621,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
                   "chunk_size": chunk_size, "precision": precision, "dtype": dtype, "resolution": resolution,
                   "preprocessing": record["preprocessing"], "weights_sha256": weights.get("sha256"),
                   "weights": weights.get("path") or weights.get("model") or weights.get("source")}
-        status = open_step(dest, "features", params, write=False)
+        status = start_step(ranks, dest, "features", params)
         if status == "complete":
             return {"status": status, "written_chunks": 0, "dest": dest}
         local = {enc_type: enc_weights} if enc_weights else None
