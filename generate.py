@@ -959,7 +959,8 @@ def _run(parser: RankZeroParser, args, procs: Procs) -> str | None:
     check_flags(parser, args, model, facts)
     spec = codec_spec(parser, args, facts)
     try:
-        codec = Autoencoder.from_spec(spec, device=device)
+        with procs.main_first():       # a download (Hugging Face) once per node, then the others read it
+            codec = Autoencoder.from_spec(spec, device=device)
     except (OSError, ValueError, ImportError, RuntimeError) as e:
         parser.error(f"cannot load the decoder {spec!r}: {one_line(e)} "
                      "(--vae-path points at a local copy of a diffusers AutoencoderKL; REG_VAE_PATH at a "

@@ -408,23 +408,36 @@ class _ImageFiles(torch.utils.data.Dataset):
             return i, None, f"{type(e).__name__}: {e}"
 
 
-def _as_list(batch):
-    return batch
+def _collate(batch):
+    """(positions, the images stacked into one uint8 (B, 3, H, W) tensor, problems): stacked in the
+    worker, so the loader pins the very tensor that is copied to the GPU (no pageable copy)."""
+    positions = [i for i, _, _ in batch]
+    problems = [(i, err) for i, img, err in batch if err is not None]
+    shapes = {tuple(img.shape) for _, img, err in batch if err is None}
+    if problems or len(shapes) != 1:
+        return positions, None, problems or [(i, tuple(img.shape[-2:])) for i, img, _ in batch]
+    return positions, torch.stack([img for _, img, _ in batch]), []
 
 
-def _batches(source: ImageSource, relpaths: list[str], batch_size: int, workers: int, device):
-    """Stacked uint8 batches of equal-size images; a clear error for a bad or odd-sized file."""
+def _batches(source: ImageSource, relpaths: list[str], batch_size: int, workers: int, device,
+             resolution: int | None = None):
+    """(positions, uint8 (B, 3, R, R)) batches, pinned when the device is a GPU; a clear error for a
+    file that does not decode or (when ``resolution`` is given) is not R x R."""
     loader = torch.utils.data.DataLoader(_ImageFiles(source, relpaths), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=_as_list,
-                                         pin_memory=device.type == "cuda")
-    for batch in loader:
-        images = []
-        for i, img, err in batch:
-            if err is not None:
+                                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    for positions, images, problems in loader:
+        for i, err in problems:
+            if isinstance(err, str):
                 raise ValueError(f"cannot decode {os.path.join(source.path, relpaths[i])} ({err}); rerun convert "
                                  f"or remove it")
-            images.append(img)
-        yield [i for i, _, _ in batch], images
+        sizes = problems or [(positions[0], tuple(images.shape[-2:]))]
+        want = (resolution, resolution) if resolution is not None else sizes[0][1]
+        odd = next(((i, s) for i, s in sizes if s != want), None)
+        if odd is not None:
+            (i, (h, w)) = odd
+            raise ValueError(f"mixed resolutions: {os.path.join(source.path, relpaths[i])} is {w}x{h}, expected "
+                             f"{want[1]}x{want[0]}; rerun convert with one --resolution")
+        yield positions, images
 
 
 def _source_resolution(src: ImageSource, manifest: dict | None) -> int:
@@ -434,13 +447,6 @@ def _source_resolution(src: ImageSource, manifest: dict | None) -> int:
     if first.shape[-1] != first.shape[-2]:
         raise ValueError(f"images must be square, {src.files[0]} is {first.shape[-1]}x{first.shape[-2]}; run convert")
     return int(first.shape[-1])
-
-
-def _check_sizes(images, rels, resolution: int, src: ImageSource) -> None:
-    for img, rel in zip(images, rels):
-        if img.shape[-2:] != (resolution, resolution):
-            raise ValueError(f"mixed resolutions: {os.path.join(src.path, rel)} is {img.shape[-1]}x{img.shape[-2]}, "
-                             f"expected {resolution}x{resolution}; rerun convert with one --resolution")
 
 
 def _open_source_for_step(source: str) -> tuple[ImageSource, dict | None, dict[str, int]]:
@@ -483,7 +489,8 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
         if status == "complete":
             return {"status": status, "written": 0, "rank": ranks.rank, "world": ranks.world_size}
         resolution = _source_resolution(src, src_manifest)
-        ae = Autoencoder.from_spec(model_url, device=ranks.device)
+        with ranks.main_first():        # a download (Hugging Face) once per node, then the others read it
+            ae = Autoencoder.from_spec(model_url, device=ranks.device)
         if resolution % ae.downsample:
             raise ValueError(f"image size {resolution} is not divisible by the autoencoder's factor {ae.downsample}")
         ranks.barrier()                 # every rank has checked --dest before rank 0 writes to it
@@ -497,9 +504,8 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
         rels = [src.files[i] for i in mine]
         written = 0
         with tqdm(total=len(mine), desc=f"encode[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
-            for pos, images in _batches(src, rels, batch_size, workers, ranks.device):
-                _check_sizes(images, [rels[p] for p in pos], resolution, src)
-                x = torch.stack(images).to(ranks.device, non_blocking=True)    # (B, 3, R, R) uint8
+            for pos, images in _batches(src, rels, batch_size, workers, ranks.device, resolution):
+                x = images.to(ranks.device, non_blocking=True)                     # (B, 3, R, R) uint8
                 moments = ae.encode_moments(x).cpu().numpy()                     # (B, 2C, h, w) float32
                 for p, m in zip(pos, moments):
                     atomic_write_bytes(os.path.join(dest, outputs[mine[p]]), npy_bytes(m))
@@ -558,7 +564,7 @@ def fit_pca(source: str, dest: str, factor: int = 8, channels: int = 4, max_imag
     def batches():
         with tqdm(total=len(files), desc="fit-pca", unit="img") as bar:
             for pos, images in _batches(src, files, batch_size, workers, torch.device("cpu")):
-                yield torch.stack(images)
+                yield images
                 bar.update(len(pos))
 
     state = fit_patch_pca(batches(), factor, channels)
@@ -625,7 +631,8 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         if status == "complete":
             return {"status": status, "written_chunks": 0, "dest": dest}
         local = {enc_type: enc_weights} if enc_weights else None
-        encoder = load_encoders([enc_type], resolution, ranks.device, local_paths=local)[0]
+        with ranks.main_first():        # a download (torch.hub) once per node, then the others read it
+            encoder = load_encoders([enc_type], resolution, ranks.device, local_paths=local)[0]
         ranks.barrier()                 # every rank has checked --dest before rank 0 writes to it
         if ranks.rank == 0:
             open_step(dest, "features", params)
@@ -641,9 +648,8 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         store = FEATURE_DTYPES[dtype]
         pending, filled, current = [], 0, 0
         with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
-            for pos, images in _batches(src, rels, batch_size, workers, ranks.device):
-                _check_sizes(images, [rels[p] for p in pos], resolution, src)
-                x = torch.stack(images).to(ranks.device, non_blocking=True)     # (B, 3, R, R) uint8
+            for pos, images in _batches(src, rels, batch_size, workers, ranks.device, resolution):
+                x = images.to(ranks.device, non_blocking=True)                      # (B, 3, R, R) uint8
                 with autocast:
                     cls, tokens = encoder(x)                                      # (B, Z), (B, 1 + T, Z)
                 out = (cls if kind == "cls" else tokens).float().cpu().numpy().astype(store)
