@@ -2,9 +2,11 @@
 # Checkpoint -> 50K samples (.npz) -> FID / sFID / IS / precision / recall, with the paper's settings
 # (SiT-XL/2 + REG, FID 1.36: SDE, 250 steps, cfg 2.3, class-token cfg 2.3, guidance interval [0, 0.85]).
 #
-#   bash eval.sh                                          # edit the variables below, or
-#   CKPT=exps/reg-b2/checkpoints/0400000.pt NUM_GPUS=4 bash eval.sh
+#   bash eval.sh reg-xl2-4m                               # a preset (python presets.py list): its sampler
+#                                                         # settings, the newest checkpoint of exps/reg-xl2-4m
+#   CKPT=exps/reg-b2/checkpoints/0400000.pt NUM_GPUS=4 bash eval.sh    # or edit the variables below
 #
+# The full generate.py command is printed before it runs; a flag in EXTRA_ARGS wins over the preset's.
 # Sampling is resumable: rerun the same command after an interruption. The samples land in
 # $SAMPLE_DIR/$NAME.npz (+ $NAME.json, the settings); the evaluator writes $NAME.metrics.json next to them.
 # The REG release's own eval.sh (python -m torch.distributed.launch ... generate.py ... --cls=768, then
@@ -13,7 +15,14 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")" && pwd)
 
+PRESET=${1:-${PRESET:-}}
+PYTHON=${PYTHON:-python}
+
 # ---- what to evaluate ----
+if [[ -n "$PRESET" && -z "${CKPT:-}" ]]; then
+    CKPT=$(ls "exps/$PRESET/checkpoints/"*.pt 2>/dev/null | sort | tail -n 1 || true)
+    CKPT=${CKPT:-exps/$PRESET/checkpoints/(none yet)}
+fi
 CKPT=${CKPT:-exps/linear-dinov2-b-enc8/checkpoints/4000000.pt}
 REF_BATCH=${REF_BATCH-$ROOT/evaluations/VIRTUAL_imagenet256_labeled.npz}   # ADM's reference batch; empty = sample only
 SAMPLE_DIR=${SAMPLE_DIR:-$(dirname "$(dirname "$CKPT")")/samples}
@@ -21,7 +30,6 @@ SAMPLE_DIR=${SAMPLE_DIR:-$(dirname "$(dirname "$CKPT")")/samples}
 # ---- hardware ----
 NUM_GPUS=${NUM_GPUS:-8}
 PER_PROC_BATCH=${PER_PROC_BATCH:-64}
-PYTHON=${PYTHON:-python}
 
 # ---- sampler (paper settings) ----
 MODE=${MODE:-sde}
@@ -39,6 +47,12 @@ VAE_PATH=${VAE_PATH:-}          # local diffusers AutoencoderKL folder (no netwo
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}      # e.g. "--class-balanced" or "--seed-scheme release"
 
+preset=()
+if [[ -n "$PRESET" ]]; then
+    mapfile -t preset < <("$PYTHON" "$ROOT/presets.py" eval "$PRESET")
+    [[ ${#preset[@]} -gt 0 ]] || exit 2     # presets.py said why
+    NAME=${NAME:-$(basename "$CKPT" .pt)-${PRESET}-seed-${SEED}}
+fi
 NAME=${NAME:-$(basename "$CKPT" .pt)-${MODE}-${NUM_STEPS}-cfg-${CFG_SCALE}-cls-${CLS_CFG_SCALE}-gi-${GUIDANCE_LOW}-${GUIDANCE_HIGH}-seed-${SEED}}
 
 # ---- checks before hours of sampling ----
@@ -67,9 +81,11 @@ gen_args=(
 )
 if [[ -n "$VAE" ]]; then gen_args+=(--vae "$VAE"); fi
 if [[ -n "$VAE_PATH" ]]; then gen_args+=(--vae-path "$VAE_PATH"); fi
+gen_args+=("${preset[@]}")
 read -r -a extra <<< "$EXTRA_ARGS"
 gen_args+=("${extra[@]}")
 
+echo "+ $PYTHON -m torch.distributed.run --standalone --nproc_per_node $NUM_GPUS $ROOT/generate.py ${gen_args[*]}" >&2
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" "$ROOT/generate.py" "${gen_args[@]}"
 
 if [[ -z "$REF_BATCH" ]]; then

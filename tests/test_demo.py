@@ -91,25 +91,34 @@ def test_demo_sh_runs_and_a_rerun_reuses_everything(tmp_path):
 
 
 def _readme_flag_table(title):
+    """{first flag of a row: (default cell, every flag named in the first cell)}."""
     text = open(README).read()
     block = text.split(f"**{title}**", 1)[1].split("\n\n", 2)[1]
     rows = {}
     for line in block.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[re.findall(r"`(--[\w-]+)`", cells[0])[0]] = cells[1]
+        flags = re.findall(r"`(--[\w-]+)`", cells[0])
+        rows[flags[0]] = (cells[1], set(flags))
     return rows
 
 
 @pytest.mark.parametrize("script", ["train", "generate"])
 def test_readme_flag_tables_list_every_flag_with_its_default(script):
+    """Every option of the parser has a row with its default; an alias spelling that only sets another
+    flag's value (--allow-tf32, --cpu) is named in that flag's row."""
     import argparse
     module = __import__(script)
     rows = _readme_flag_table(f"{script}.py")
-    want = {}
+    want, aliases = {}, {}
     for action in module.build_parser()._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
         if not longs or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
+        if action.default == argparse.SUPPRESS:
+            aliases[longs[0]] = action.dest
+            continue
         want[longs[0]] = "required" if action.required else str(action.default)
     assert sorted(rows) == sorted(want)
-    assert {k: rows[k] for k in want} == want
+    assert {k: rows[k][0] for k in want} == want
+    named = set().union(*(flags for _, flags in rows.values()))
+    assert set(aliases) <= named, set(aliases) - named

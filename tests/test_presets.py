@@ -32,3 +32,25 @@ def test_unknown_preset_is_one_line():
                          env={"PATH": __import__("os").environ["PATH"], "PYTHON": __import__("sys").executable})
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "presets.py: error: unknown preset 'no-such-preset'; choose one of " + ", ".join(presets.PRESETS)]
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_each_preset_evaluation_parses_for_generate(name):
+    import generate
+    args = generate.build_parser().parse_args(["--ckpt", "x.pt"] + presets.flags(name, "eval"))
+    guided = name.endswith("4m")
+    assert (args.mode, args.num_steps, args.num_fid_samples, args.per_proc_batch_size) == ("sde", 250, 50000, 64)
+    assert args.cfg_scale == (2.3 if guided else 1.0) and args.guidance_high == 0.85
+    if guided:
+        assert args.cls_cfg_scale == 2.3
+
+
+def test_eval_sh_takes_a_preset_and_says_what_is_missing(tmp_path):
+    import os
+    import sys
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable}
+    out = subprocess.run(["bash", "eval.sh", "no-such-preset"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "unknown preset 'no-such-preset'" in out.stderr
+    out = subprocess.run(["bash", os.path.join(ROOT, "eval.sh"), "reg-b2-400k"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "REF_BATCH": ""})
+    assert out.returncode == 1 and "checkpoint not found: exps/reg-b2-400k/checkpoints/(none yet)" in out.stderr
