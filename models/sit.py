@@ -234,9 +234,6 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        if cls_token_dim:
-            self.cls_projectors2 = nn.Linear(cls_token_dim, hidden_size, bias=True)
-            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         num_tokens = self.x_embedder.num_patches + (1 if cls_token_dim else 0)
         # Fixed sin-cos embedding; a Parameter (frozen) so it is in the state_dict, as released.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
@@ -246,6 +243,9 @@ class SiT(nn.Module):
         ])
         self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cls_token_dim)
+        if cls_token_dim:  # registered last, as in the release (this order fixes the init draws)
+            self.cls_projectors2 = nn.Linear(cls_token_dim, hidden_size, bias=True)
+            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.initialize_weights()
 
     def initialize_weights(self):
