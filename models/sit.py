@@ -638,7 +638,7 @@ class SiT(nn.Module):
             x = torch.cat([cls.unsqueeze(1), x], dim=1)                # (N, 1+T, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        N, L, D = x.shape
+        N = x.shape[0]
 
         c = self.t_embedder(t) + self.y_embedder(y, self.training)     # (N, D)
         rope = self.rope_tables() if self.rope_tables is not None else None   # (1, 1, L, hd) x 2

@@ -159,7 +159,7 @@ def ref_forward_opts(model: SiT, x, t, y, cls_token=None, route: Route | None = 
         h, c, v1 = tokens[n], cond[n], None
         full = list(range(L))
 
-        def run(first, stop, h, pos, v1):
+        def run(first, stop, h, pos, v1, c=c):
             for i in range(first, stop):
                 h, v = block(i, h, c, pos, v1)
                 if i == 0:
@@ -719,3 +719,38 @@ def test_bad_routes_raise():
         build().draw_route(3)
     with pytest.raises(ValueError, match="0 for TREAD"):
         build(routing="tread", **ROUTE).draw_route(3, path_drop=0.5)
+
+
+#################################################################################
+#              benchmarks/flops.py's activation count vs autograd               #
+#################################################################################
+
+def _saved_bytes(block, x, c, rope=None, v1=None):
+    """Bytes of the distinct storages autograd saves in one block's forward, parameters and the
+    shared inputs (c, block 0's values, RoPE tables) left out; the block input x counts."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, c, rope, v1)
+    shared = [*block.parameters(), c] + ([v1] if v1 is not None else []) + (list(rope) if rope else [])
+    for t in shared:
+        seen.pop(t.untyped_storage().data_ptr(), None)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("options", [{}, dict(norm="rmsnorm"), dict(rope=True), dict(value_residual=True)],
+                         ids=["default", "rmsnorm", "rope", "value-residual"])
+def test_activation_count_matches_what_autograd_saves_in_fp32(options):
+    from benchmarks.flops import block_activation_bytes
+    N, L, D, H = 2, 17, 64, 4
+    torch.manual_seed(0)
+    block = sit.SiTBlock(D, H, norm=options.get("norm", "layernorm"),
+                         value_residual=options.get("value_residual", False))
+    x, c = torch.randn(N, L, D, requires_grad=True), torch.randn(N, D, requires_grad=True)
+    rope = AxialRoPE(D // H, 4, cls_token=True)() if options.get("rope") else None
+    v1 = torch.randn(N, H, L, D // H) if options.get("value_residual") else None
+    counted = sum(block_activation_bytes(L, D, H, precision="fp32", **options).values())
+    assert _saved_bytes(block, x, c, rope, v1) == N * counted + (4 if v1 is not None else 0)   # + the lambda
