@@ -518,6 +518,28 @@ def test_every_parameter_gets_a_gradient_after_a_routed_step(routing, drop_path,
             assert torch.count_nonzero(grad) > 0, n
 
 
+@pytest.mark.parametrize("routing", ["sprint", "tread"])
+def test_ddp_static_graph_accepts_routed_steps_with_and_without_path_drop(routing, tmp_path):
+    """DDP(find_unused_parameters=False, static_graph=True), as train.py runs it (gloo, one
+    process): routed steps with and without path drop keep the same graph; a step whose graph
+    lost a parameter fails the next step with "Expected to have finished reduction"."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = build(randomize=True, **{**ALL_ON, "routing": routing}).train()
+        ddp = DDP(model, find_unused_parameters=False, static_graph=True)
+        x, t, y, cls = _inputs(model)
+        for i, drop_path in enumerate([False, True, False, True, False]):
+            route = model.draw_route(3, torch.Generator().manual_seed(i))
+            route = Route(route.keep, drop_path and routing == "sprint")
+            _loss(ddp(x, t, y, cls_token=cls, route=route)).backward()
+            assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+            model.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sprint_path_drop_replaces_the_sparse_path_by_the_mask_token():
     """On a path-drop step the output does not depend on the sparse blocks at all."""
     model = build(randomize=True, routing="sprint", **ROUTE)
@@ -609,20 +631,21 @@ def test_grad_checkpointing_gives_the_same_gradients(overrides, monkeypatch):
     assert "grad_checkpointing" not in model.config
 
 
-def _autocast_run(model, inputs, route, ckpt):
+def _autocast_run(model, inputs, route, ckpt, dtype=torch.bfloat16):
     model.grad_checkpointing = ckpt
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         return _forward_backward(model, inputs, route)
 
 
-def test_grad_checkpointing_under_autocast():
-    """bf16 autocast: the recomputation replays the autocast state, so the gradients are the same."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_grad_checkpointing_under_autocast(dtype):
+    """Autocast: the recomputation replays the autocast state, so the gradients are the same."""
     model = build(randomize=True, **ALL_ON).train()
     route = model.draw_route(3, torch.Generator().manual_seed(4))
     inputs = _inputs(model)
-    plain = _autocast_run(model, inputs, route, False)
-    assert plain[0][0].dtype == torch.bfloat16
-    _assert_same(plain, _autocast_run(model, inputs, route, True))
+    plain = _autocast_run(model, inputs, route, False, dtype)
+    assert plain[0][0].dtype == dtype
+    _assert_same(plain, _autocast_run(model, inputs, route, True, dtype))
 
 
 @pytest.mark.slow  # dynamo traces the blocks: ~6 s here
