@@ -74,7 +74,10 @@ def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
     """SiT constructor kwargs from a state_dict's shapes (for checkpoints that do not store them).
 
     Shapes fix everything but the number of heads (taken from the standard size table) and
-    encoder_depth (from the stored args if any; it only places the projectors, unused at sampling)."""
+    encoder_depth (from the stored args if any; it only places the projectors, unused at sampling).
+    Of the model options (issue 15), the shapes show RMSNorm (norms without bias), the value
+    residual (``attn.v1_lambda``) and SPRINT (``sprint.*``); rope, the routed block range and the
+    drop rates leave no parameter and come from ``args`` under their config names, else defaults."""
     args = args or {}
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
     try:
@@ -83,6 +86,9 @@ def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
         raise ValueError("state_dict has no x_embedder.proj.weight: not a SiT checkpoint") from None
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     cls_token_dim = sd["cls_projectors2.weight"].shape[1] if "cls_projectors2.weight" in sd else 0
+    if "pos_embed" not in sd:
+        raise ValueError("state_dict has no pos_embed (a rope-only model): its latent size is not recorded in the "
+                         "weights; use a checkpoint saved by this codebase (it stores model_config)")
     num_tokens = sd["pos_embed"].shape[1] - (1 if cls_token_dim else 0)
     input_size = int(round(num_tokens ** 0.5)) * patch
     n_proj = len({k.split(".")[1] for k in sd if k.startswith("projectors.")})
@@ -96,6 +102,11 @@ def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
     table_rows = sd["y_embedder.embedding_table.weight"].shape[0]
     # The release always trains with class dropout (0.1): the last row is the null class.
     num_classes = args.get("num_classes", table_rows - 1)
+    # Affine RMSNorms (wg_norm, q_norm) have a weight and no bias; LayerNorms have both.
+    rms = any(f"{n}.weight" in sd and f"{n}.bias" not in sd for n in ("wg_norm", "blocks.0.attn.q_norm"))
+    routing = "sprint" if "sprint.mask_token" in sd else args.get("routing", "none")
+    routed = {k: args[k] for k in ("route_start", "route_end", "route_drop", "path_drop")
+              if routing != "none" and args.get(k) is not None}
     return dict(
         input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
@@ -104,6 +115,10 @@ def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
         encoder_depth=int(args.get("encoder_depth", min(8, depth))) if n_proj else 1,
         cls_token_dim=cls_token_dim, qk_norm="blocks.0.attn.q_norm.weight" in sd,
         fused_attn=True,
+        norm="rmsnorm" if rms else args.get("norm", "layernorm"),
+        rope=bool(args.get("rope", False)),
+        value_residual=any(k.endswith(".attn.v1_lambda") for k in sd),
+        routing=routing, **routed,
     )
 
 

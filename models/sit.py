@@ -1,4 +1,4 @@
-"""SiT with REG's entangled class token and REPA's projector heads.
+"""SiT with REG's entangled class token and REPA's projector heads, plus opt-in speed-ups.
 
 One class covers the three models of the paper's tables:
 
@@ -7,12 +7,37 @@ One class covers the three models of the paper's tables:
 * REPA (``cls_token_dim=0``): no extra token, ``pos_embed`` has T rows, REPA checkpoints load;
 * SiT  (``cls_token_dim=0, z_dims=()``): no projectors either.
 
-Parameter names, shapes, initialisation and arithmetic follow the REG release exactly, so its
-state_dicts load with ``strict=True`` (see ``../shared/spec/reg-reference.md`` section 1).
+Parameter names, shapes, registration order, initialisation and arithmetic follow the REG release
+exactly, so its state_dicts load with ``strict=True`` and, under the same ``torch.manual_seed``,
+``SiT(...)`` starts from the release's weights (see ``../shared/spec/reg-reference.md`` section 1).
+
+Options from SpeedrunDiT's ablation ladder (issue 15), every one OFF by default; the defaults are
+bitwise the release's model. Each is a constructor argument recorded in ``model.config``:
+
+    norm="rmsnorm"        RMSNorm (same eps) in place of LayerNorm in norm1/norm2, norm_final,
+                          wg_norm and (with qk_norm) q_norm/k_norm
+    rope=True             2-D axial rotary embedding (EVA-02) on q and k of the image tokens; the
+                          class token is not rotated (see AxialRoPE)
+    pos_embed="none"      drop the fixed sin-cos table (needs rope=True); "sincos" keeps it
+    value_residual=True   blocks 1.. mix their values with block 0's: v = lam v1 + (1 - lam) v,
+                          one learnable scalar ``attn.v1_lambda`` per block, starting at 0.5
+    routing="sprint"      SPRINT: blocks [route_start, route_end) run on a random subset of the
+                          image tokens during training (drop route_drop = 0.75); the sparse
+                          path is padded with ``sprint.mask_token``, replaced by it on a
+                          fraction path_drop = 0.05 of steps, and fused with the dense head's
+                          output by ``sprint.proj`` (Linear 2D -> D)
+    routing="tread"       TREAD: the same block range sees a random subset (route_drop = 0.5);
+                          the other tokens skip it and are put back in place after it
+
+Routing is drawn by the trainer (``route = model.draw_route(n, generator)``) and passed to
+``forward(..., route=route)``; ``route=None`` (sampling, evaluation) is the dense model.
+``model.grad_checkpointing = True`` recomputes each block's activations in the backward pass; it
+changes no weight and no number and is not part of ``model.config``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
+from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x, shift, scale):
@@ -100,6 +126,85 @@ class LabelEmbedder(nn.Module):
 
 
 #################################################################################
+#                      Norms and 2-D rotary position embedding                  #
+#################################################################################
+
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm, y = x / sqrt(mean(x^2) + eps) [* weight], computed in float32 (as
+    LayerNorm is under CUDA autocast) and returned in the input's dtype. No bias.
+
+    The input is made contiguous first: torch's kernel reduces a strided row (the patch
+    embedding's output is (N, T, D) with strides (T*D, 1, T)) in another order than a
+    contiguous one, so the same values could give different last bits (LayerNorm does not)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float().contiguous(), self.normalized_shape, weight, self.eps).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, affine: bool) -> nn.Module:
+    """LayerNorm (the release) or RMSNorm (``norm="rmsnorm"``) with the same eps and affinity."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps, elementwise_affine=affine)
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., hd): each channel pair (x_2j, x_2j+1) -> (-x_2j+1, x_2j), a quarter turn."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every channel pair of x (N, H, L, hd) by its angle; cos/sin (1|N, 1, L, hd).
+    Computed in float32 (q and k are half precision under autocast), returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+
+
+class AxialRoPE(nn.Module):
+    """EVA-02's 2-D axial rotary embedding for a (grid x grid) row-major token layout.
+
+    The head dim is split in two halves: channels [0, hd/2) rotate with the token's row r,
+    channels [hd/2, hd) with its column c. Within a half, the pair (2j, 2j+1) turns by the angle
+    pos * theta^(-2j / (hd/2)), j < hd/4, theta = 10000 (EVA-02's "lang" frequencies).
+
+    The class token (REG) sits at index 0 and is NOT rotated (cos 1, sin 0: an exact identity).
+    It has no place on the grid; EVA-02 leaves its class token unrotated too, and so do
+    SpeedrunDiT's dense blocks (its sparse blocks, by contrast, rotate a kept class token as grid
+    cell (0, 0), i.e. as if it were the top-left patch). Unrotated, its scores with a patch depend
+    on that patch's absolute position only, like a learned/absolute embedding would, instead of
+    pretending the global token lives in a corner.
+
+    No parameters: cos and sin are non-persistent buffers, (L, hd) with L = [1 +] grid^2, so
+    state_dicts are unchanged.
+    """
+
+    def __init__(self, head_dim: int, grid: int, cls_token: bool, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"rope needs a head dim divisible by 4 (2 axes x channel pairs), got {head_dim}")
+        quarter = head_dim // 4
+        freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) * 2 / (head_dim // 2))  # (hd/4,)
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        angle = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (T, hd/2)
+        angle = angle.repeat_interleave(2, dim=1)                     # (T, hd): both channels of a pair
+        cos, sin = angle.cos(), angle.sin()
+        if cls_token:                                                  # identity rotation for token 0
+            cos = torch.cat([torch.ones(1, head_dim, dtype=cos.dtype), cos])
+            sin = torch.cat([torch.zeros(1, head_dim, dtype=sin.dtype), sin])
+        self.register_buffer("cos", cos.float(), persistent=False)
+        self.register_buffer("sin", sin.float(), persistent=False)
+
+    def forward(self, index: torch.Tensor | None = None):
+        """(cos, sin) for the whole sequence, (1, 1, L, hd) each, or for the tokens ``index``
+        (N, K) of it (positions in the full sequence, class token = 0): (N, 1, K, hd)."""
+        if index is None:
+            return self.cos[None, None], self.sin[None, None]
+        return self.cos[index].unsqueeze(1), self.sin[index].unsqueeze(1)
+
+
+#################################################################################
 #                                 Core SiT model                                #
 #################################################################################
 
@@ -108,9 +213,11 @@ class Attention(nn.Module):
 
     ``fused_attn=True`` runs torch's scaled_dot_product_attention (flash / memory-efficient
     kernels on GPU); False runs the explicit softmax(q k^T / sqrt(d)) v, for reference.
+    ``value_residual=True`` adds ``v1_lambda`` (a scalar, 0.5 at init): v <- lam v1 + (1 - lam) v.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, fused_attn: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, fused_attn: bool = True,
+                 norm: str = "layernorm", value_residual: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -118,32 +225,43 @@ class Attention(nn.Module):
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         # timm's default norm of the release's era: LayerNorm over the head dim, affine, eps 1e-5
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = make_norm(norm, self.head_dim, 1e-5, True) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, self.head_dim, 1e-5, True) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        if value_residual:  # registered last: the default model's parameter order is unchanged
+            self.v1_lambda = nn.Parameter(torch.tensor(0.5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, v1: torch.Tensor | None = None):
+        """x (B, L, D); rope: (cos, sin) or None; v1: block 0's values (B, H, L, hd) or None.
+        Returns (output (B, L, D), this block's own values v (B, H, L, hd))."""
         B, L, C = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                        # (B, H, L, hd) each
+        own_v = v
         q, k = self.q_norm(q), self.k_norm(k)
+        if v1 is not None:
+            v = self.v1_lambda * v1 + (1 - self.v1_lambda) * v
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)              # (B, H, L, L)
             x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(B, L, C)                         # (B, L, D)
-        return self.proj(x)
+        return self.proj(x), own_v
 
 
 class SiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero conditioning."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True,
+                 norm="layernorm", value_residual=False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = make_norm(norm, hidden_size, 1e-6, False)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn, norm=norm,
+                              value_residual=value_residual)
+        self.norm2 = make_norm(norm, hidden_size, 1e-6, False)
         self.mlp = Mlp(
             in_features=hidden_size,
             hidden_features=int(hidden_size * mlp_ratio),
@@ -152,21 +270,23 @@ class SiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c):
+    def forward(self, x, c, rope=None, v1=None):
+        """x (N, L, D), c (N, D) -> (x (N, L, D), the attention's own values (N, H, L, hd))."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.adaLN_modulation(c).chunk(6, dim=-1)                  # 6 x (N, D)
         )
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        a, v = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, v1)
+        x = x + gate_msa.unsqueeze(1) * a
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return x, v
 
 
 class FinalLayer(nn.Module):
     """adaLN + linear read-out: image tokens -> patches, and (REG) token 0 -> class-token velocity."""
 
-    def __init__(self, hidden_size, patch_size, out_channels, cls_token_dim=0):
+    def __init__(self, hidden_size, patch_size, out_channels, cls_token_dim=0, norm="layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size, 1e-6, False)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         if cls_token_dim:
             self.linear_cls = nn.Linear(hidden_size, cls_token_dim, bias=True)
@@ -181,10 +301,120 @@ class FinalLayer(nn.Module):
         return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])         # (N, T, p*p*C), (N, Z)
 
 
+#################################################################################
+#                        Token routing (SPRINT, TREAD)                          #
+#################################################################################
+
+@dataclass(frozen=True)
+class Route:
+    """One training step's routing draw (``SiT.draw_route``), the same on every process.
+
+    keep       (N, K) int64, each row the sorted indices (0..T-1) of the image tokens that the
+               routed blocks process for that sample; the class token is always processed too.
+    drop_path  SPRINT: replace the whole sparse path's output by the mask token this step.
+    """
+    keep: torch.Tensor
+    drop_path: bool = False
+
+    def rows(self, start: int, stop: int) -> "Route":
+        """The samples start..stop-1: draw once for the global batch with a generator seeded
+        alike on every rank, then take this rank's rows (distinct tokens per rank, one path-drop
+        decision for all, and the same draw whatever the world size)."""
+        return Route(self.keep[start:stop], self.drop_path)
+
+
+class SprintFusion(nn.Module):
+    """SPRINT's sparse-dense fusion: the sparse path's output is padded to all tokens with
+    ``mask_token`` (or replaced by it entirely on path-drop steps) and fused with the dense
+    head's output f: h = proj([f, g]) (Linear 2D -> D), on every token.
+
+    Init (SpeedrunDiT's): mask token zeros; proj xavier-uniform weight, zero bias.
+    Without a route (sampling) the fusion reads the routed blocks' output on every token and the
+    mask token is unused: under DDP with a static graph, train a SPRINT model with a route every
+    step (drop 0 for a dense step).
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))   # (1, 1, D)
+        self.proj = nn.Linear(2 * hidden_size, hidden_size, bias=True)
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.mask_token)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, 0)
+
+    def forward(self, f, g, index=None, drop_path=False):
+        """f (N, L, D) dense head output; g the routed blocks' output, (N, K', D) at positions
+        index (N, K') of the sequence, or (N, L, D) when index is None (dense)."""
+        mask = self.mask_token.to(g.dtype)
+        if index is not None:
+            g = _scatter_tokens(mask.expand(f.shape), index, g)       # (N, L, D), mask elsewhere
+            if drop_path:
+                # The whole sparse path replaced; "g * 0" keeps every parameter in the graph
+                # (with zero gradients), as DDP with a static graph requires.
+                g = g * 0 + mask
+        return self.proj(torch.cat([f, g], dim=-1)).to(f.dtype)       # (N, L, D)
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (N, L, D), index (N, K) -> (N, K, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _scatter_tokens(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A copy of base (N, L, D) with rows index (N, K) replaced by src (N, K, D), in place of origin."""
+    return base.scatter(1, index.unsqueeze(-1).expand(-1, -1, base.shape[-1]), src)
+
+
+ROUTING_DEFAULTS = {  # routing -> (route_drop, path_drop); the block range defaults to [2, depth - 2)
+    "sprint": (0.75, 0.05),  # SpeedrunDiT: keep 25 % of the tokens, drop the sparse path on 5 % of steps
+    "tread": (0.5, 0.0),     # TREAD: 50 % of the tokens skip the routed blocks
+}
+
+# Model options (issue 15) and their defaults: the release's model.
+OPTION_DEFAULTS = dict(norm="layernorm", rope=False, pos_embed="sincos", value_residual=False,
+                       routing="none", route_start=None, route_end=None, route_drop=None, path_drop=None)
+
+
+def resolve_options(depth: int, **options) -> dict:
+    """The options as ``model.config`` records them: defaults filled in, routing defaults
+    resolved (block range [2, depth - 2), SPRINT drop 0.75 / path drop 0.05, TREAD drop 0.5)."""
+    unknown = set(options) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown model options {sorted(unknown)}; known: {', '.join(OPTION_DEFAULTS)}")
+    opts = {**OPTION_DEFAULTS, **options}
+    routing = opts["routing"]
+    if routing == "none":
+        given = [k for k in ("route_start", "route_end", "route_drop", "path_drop") if opts[k] is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given but routing='none'; pass routing='sprint' or 'tread'")
+    elif routing in ROUTING_DEFAULTS:
+        drop, path_drop = ROUTING_DEFAULTS[routing]
+        opts["route_start"] = 2 if opts["route_start"] is None else int(opts["route_start"])
+        opts["route_end"] = depth - 2 if opts["route_end"] is None else int(opts["route_end"])
+        opts["route_drop"] = drop if opts["route_drop"] is None else float(opts["route_drop"])
+        opts["path_drop"] = path_drop if opts["path_drop"] is None else float(opts["path_drop"])
+    opts["rope"] = bool(opts["rope"])
+    opts["value_residual"] = bool(opts["value_residual"])
+    return opts
+
+
+def complete_config(config: dict) -> dict:
+    """A stored ``model_config`` with the options it predates filled in with their defaults, so an
+    old checkpoint's config compares equal to ``model.config`` of the model it describes."""
+    options = {k: config[k] for k in OPTION_DEFAULTS if k in config}
+    return {**config, **resolve_options(config["depth"], **options)}
+
+
+#################################################################################
+#                                      SiT                                      #
+#################################################################################
+
 class SiT(nn.Module):
     """Diffusion transformer on latents, with REG's class token and REPA's projectors.
 
-    forward(x, t, y, cls_token) -> (velocity (N, C, H, W),
+    forward(x, t, y, cls_token, route=None) -> (velocity (N, C, H, W),
                                     [projected features (N, [1+]T, Z_k) per encoder],
                                     class-token velocity (N, Z) or None)
     """
@@ -207,6 +437,18 @@ class SiT(nn.Module):
         qk_norm: bool = False,
         fused_attn: bool = True,
         decoder_hidden_size: int | None = None,
+        # ---- options (issue 15), all off by default ----
+        norm: str = "layernorm",
+        rope: bool = False,
+        pos_embed: str = "sincos",
+        value_residual: bool = False,
+        routing: str = "none",
+        route_start: int | None = None,
+        route_end: int | None = None,
+        route_drop: float | None = None,
+        path_drop: float | None = None,
+        # ---- not part of the architecture (not in config) ----
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         z_dims = [int(z) for z in z_dims]
@@ -214,6 +456,10 @@ class SiT(nn.Module):
             cls_token_dim = z_dims[0] if z_dims else 0
         _check_config(input_size, patch_size, hidden_size, depth, num_heads, num_classes,
                       z_dims, encoder_depth, cls_token_dim, decoder_hidden_size)
+        opts = resolve_options(depth, norm=norm, rope=rope, pos_embed=pos_embed, value_residual=value_residual,
+                               routing=routing, route_start=route_start, route_end=route_end,
+                               route_drop=route_drop, path_drop=path_drop)
+        _check_options(opts, depth, hidden_size // num_heads, encoder_depth if z_dims else None)
         self.in_channels = self.out_channels = in_channels
         self.input_size = input_size
         self.patch_size = patch_size
@@ -222,45 +468,70 @@ class SiT(nn.Module):
         self.z_dims = z_dims
         self.encoder_depth = encoder_depth
         self.cls_token_dim = cls_token_dim
+        self.norm, self.value_residual = opts["norm"], opts["value_residual"]
+        self.routing, self.route_start, self.route_end = opts["routing"], opts["route_start"], opts["route_end"]
+        self.route_drop, self.path_drop = opts["route_drop"], opts["path_drop"]
+        # Recompute each block's activations in the backward pass (memory for time): changes no
+        # weight and no number, so it is a plain attribute and not part of config.
+        self.grad_checkpointing = grad_checkpointing
         # Everything needed to rebuild this model; stored inside checkpoints.
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels,
             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             class_dropout_prob=class_dropout_prob, num_classes=num_classes, z_dims=list(z_dims),
             projector_dim=projector_dim, encoder_depth=encoder_depth, cls_token_dim=cls_token_dim,
-            qk_norm=qk_norm, fused_attn=fused_attn,
+            qk_norm=qk_norm, fused_attn=fused_attn, **opts,
         )
 
+        # Registration order = the release's (it fixes the init draws and parameters() order):
+        # x_embedder, t_embedder, y_embedder, pos_embed, blocks, projectors, final_layer,
+        # cls_projectors2, wg_norm; the options' parameters come after all of them.
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        if cls_token_dim:
-            self.cls_projectors2 = nn.Linear(cls_token_dim, hidden_size, bias=True)
-            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         num_tokens = self.x_embedder.num_patches + (1 if cls_token_dim else 0)
-        # Fixed sin-cos embedding; a Parameter (frozen) so it is in the state_dict, as released.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
+        if pos_embed == "sincos":
+            # Fixed sin-cos embedding; a Parameter (frozen) so it is in the state_dict, as released.
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
+        else:
+            self.pos_embed = None
         self.blocks = nn.ModuleList([
-            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn)
-            for _ in range(depth)
+            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn, norm=norm,
+                     value_residual=value_residual and i > 0)
+            for i in range(depth)
         ])
         self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cls_token_dim)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cls_token_dim, norm=norm)
+        if cls_token_dim:
+            self.cls_projectors2 = nn.Linear(cls_token_dim, hidden_size, bias=True)
+            self.wg_norm = make_norm(norm, hidden_size, 1e-6, True)
+        if self.routing == "sprint":
+            # Built on a forked RNG and initialised after everything else (initialize_weights), so
+            # that every tensor a SPRINT model shares with the default model starts identical.
+            with torch.random.fork_rng(devices=[]):
+                self.sprint = SprintFusion(hidden_size)
+        # 2-D RoPE tables (non-persistent buffers: no state_dict entry).
+        self.rope_tables = (AxialRoPE(hidden_size // num_heads, input_size // patch_size, bool(cls_token_dim))
+                            if opts["rope"] else None)
         self.initialize_weights()
 
     def initialize_weights(self):
-        # Every Linear: xavier-uniform weight, zero bias (LayerNorms keep weight 1, bias 0).
+        # Every Linear: xavier-uniform weight, zero bias (norms keep weight 1, bias 0). The modules
+        # are visited in registration order, so the draws are the release's.
+        sprint_proj = self.sprint.proj if self.routing == "sprint" else None
+
         def _basic_init(module):
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and module is not sprint_proj:
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
 
         # Frozen 2-D sin-cos position embedding; the class token (row 0) gets zeros.
-        grid = int(self.x_embedder.num_patches ** 0.5)
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, extra_tokens=1 if self.cls_token_dim else 0)
-        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        if self.pos_embed is not None:
+            grid = int(self.x_embedder.num_patches ** 0.5)
+            pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, extra_tokens=1 if self.cls_token_dim else 0)
+            self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
         # Patch embedding initialised like a Linear on its (D, C*p*p) view.
         w = self.x_embedder.proj.weight.data
@@ -284,6 +555,15 @@ class SiT(nn.Module):
             nn.init.constant_(self.final_layer.linear_cls.weight, 0)
             nn.init.constant_(self.final_layer.linear_cls.bias, 0)
 
+        # Options, after all of the release's draws (none of them draws before this point).
+        # Value residual (as SpeedrunDiT): every block's mixing weight starts at 0.5.
+        for block in self.blocks:
+            if hasattr(block.attn, "v1_lambda"):
+                nn.init.constant_(block.attn.v1_lambda, 0.5)
+        # SPRINT (as SpeedrunDiT): mask token zeros, fusion xavier-uniform weight and zero bias.
+        if self.routing == "sprint":
+            self.sprint.reset_parameters()
+
     def compile_blocks(self, **compile_kwargs) -> "SiT":
         """torch.compile each transformer block in place (regional compilation): one compiled
         graph serves every block, compile time stays short, and parameter names and
@@ -300,29 +580,99 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, cls_token=None, return_zs: bool = True):
+    # ------------------------------------------------------------------ routing
+    def draw_route(self, batch_size: int, generator: torch.Generator | None = None,
+                   drop: float | None = None, path_drop: float | None = None) -> Route:
+        """Draw one step's routing on the CPU: per sample, K = round(T (1 - drop)) image tokens
+        uniformly without replacement (sorted), then (SPRINT) one path-drop coin. Seed
+        ``generator`` identically on every process (e.g. from (seed, step)) and draw for the
+        global batch, then ``route.rows(...)`` (see Route.rows). drop/path_drop default to
+        route_drop/path_drop of the config; drop=0 and path_drop=0 give the dense model bitwise."""
+        if self.routing == "none":
+            raise ValueError("this model has no token routing (routing='none'); build it with routing='sprint' or 'tread'")
+        drop = self.route_drop if drop is None else float(drop)
+        path_drop = self.path_drop if path_drop is None else float(path_drop)
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"route drop must be in [0, 1), got {drop}")
+        if not 0.0 <= path_drop <= 1.0 or (self.routing == "tread" and path_drop):
+            raise ValueError(f"path_drop must be in [0, 1] (and 0 for TREAD), got {path_drop}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tokens = self.x_embedder.num_patches
+        keep = min(tokens, max(1, round(tokens * (1.0 - drop))))
+        scores = torch.rand(batch_size, tokens, generator=generator)   # (N, T) on the CPU
+        kept = scores.argsort(dim=1)[:, :keep].sort(dim=1).values       # (N, K)
+        drop_path = False
+        if self.routing == "sprint":
+            drop_path = bool(torch.rand((), generator=generator) < path_drop)
+        return Route(kept, drop_path)
+
+    # ------------------------------------------------------------------ forward
+    def _block(self, i, x, c, rope, v1):
+        block = self.blocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, rope, v1, use_reentrant=False)
+        return block(x, c, rope, v1)
+
+    def _run(self, first, stop, x, c, rope, v1, zs_out):
+        """Blocks first..stop-1 on x (N, L, D). Block 0 supplies v1 (value residual); the
+        projectors read the output of block ``encoder_depth`` (1-based) into zs_out."""
+        for i in range(first, stop):
+            x, v = self._block(i, x, c, rope, v1)
+            if i == 0 and self.value_residual:
+                v1 = v                                                 # (N, H, L, hd)
+            if zs_out is not None and (i + 1) == self.encoder_depth:
+                N, L, D = x.shape
+                zs_out.extend(proj(x.reshape(-1, D)).reshape(N, L, -1) for proj in self.projectors)
+        return x, v1
+
+    def forward(self, x, t, y, cls_token=None, return_zs: bool = True, route: Route | None = None):
         """x (N, C, H, W) latents, t (N,) in [0, 1], y (N,) labels (num_classes = null),
         cls_token (N, Z) noisy class token (REG models only).
-        ``return_zs=False`` skips the projectors (sampling does not use them)."""
-        self._check_inputs(x, t, y, cls_token)
+        ``return_zs=False`` skips the projectors (sampling does not use them).
+        ``route`` (training with routing='sprint'/'tread'): from ``draw_route``; None = dense."""
+        self._check_inputs(x, t, y, cls_token, route)
         x = self.x_embedder(x)                                         # (N, T, D)
         if self.cls_token_dim:
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(x.dtype)))  # (N, D)
             x = torch.cat([cls.unsqueeze(1), x], dim=1)                # (N, 1+T, D)
-        x = x + self.pos_embed
-        N, L, D = x.shape
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        N = x.shape[0]
 
         c = self.t_embedder(t) + self.y_embedder(y, self.training)     # (N, D)
+        rope = self.rope_tables() if self.rope_tables is not None else None   # (1, 1, L, hd) x 2
+        zs = [] if return_zs else None
+        depth = len(self.blocks)
 
-        zs = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, c)                                            # (N, L, D)
-            if return_zs and (i + 1) == self.encoder_depth:
-                zs = [proj(x.reshape(-1, D)).reshape(N, L, -1) for proj in self.projectors]
+        if self.routing == "none":
+            x, _ = self._run(0, depth, x, c, rope, None, zs)
+        else:
+            start, end = self.route_start, self.route_end
+            f, v1 = self._run(0, start, x, c, rope, None, zs)          # dense head (N, L, D)
+            if route is None:                        # sampling / evaluation: the range sees every token
+                index, g, rope_s, v1_s = None, f, rope, v1
+            else:
+                # The tokens this step routes: the class token (always) and the kept image tokens.
+                index = route.keep.to(x.device, non_blocking=True) + (1 if self.cls_token_dim else 0)
+                if self.cls_token_dim:
+                    index = torch.cat([index.new_zeros(N, 1), index], dim=1)   # (N, K')
+                g = _gather_tokens(f, index)                           # (N, K', D)
+                rope_s = self.rope_tables(index) if rope is not None else None
+                v1_s = None if v1 is None else v1.gather(
+                    2, index[:, None, :, None].expand(-1, v1.shape[1], -1, v1.shape[-1]))
+            g, _ = self._run(start, end, g, c, rope_s, v1_s, None)     # routed blocks (N, K', D)
+            if self.routing == "tread":
+                # Routed tokens go back in place; the others skipped the range unchanged.
+                x = g if index is None else _scatter_tokens(f, index, g)
+            else:
+                # SPRINT: pad the sparse output with the mask token, fuse it with the dense head.
+                x = self.sprint(f, g, index, route is not None and route.drop_path)   # (N, L, D)
+            x, _ = self._run(end, depth, x, c, rope, v1, zs)          # dense tail
         x, cls_out = self.final_layer(x, c)                            # (N, T, p*p*C), (N, Z) | None
-        return self.unpatchify(x), zs, cls_out
+        return self.unpatchify(x), (zs if return_zs else []), cls_out
 
-    def _check_inputs(self, x, t, y, cls_token):
+    def _check_inputs(self, x, t, y, cls_token, route=None):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"SiT expects latents of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
@@ -342,6 +692,13 @@ class SiT(nn.Module):
                 raise ValueError(f"cls_token must have shape ({x.shape[0]}, {self.cls_token_dim}), got {tuple(cls_token.shape)}")
         elif cls_token is not None:
             raise ValueError("this model has no class token (cls_token_dim=0); call it with cls_token=None")
+        if route is not None:
+            if self.routing == "none":
+                raise ValueError("route given, but this model has no token routing (routing='none')")
+            keep, tokens = route.keep, self.x_embedder.num_patches
+            if keep.ndim != 2 or keep.shape[0] != n or not 1 <= keep.shape[1] <= tokens or keep.dtype != torch.long:
+                raise ValueError(f"route.keep must be an int64 tensor of shape ({n}, K), 1 <= K <= {tokens}, "
+                                 f"got {keep.dtype} {tuple(keep.shape)}")
 
 
 def _check_config(input_size, patch_size, hidden_size, depth, num_heads, num_classes,
@@ -361,6 +718,33 @@ def _check_config(input_size, patch_size, hidden_size, depth, num_heads, num_cla
     if decoder_hidden_size not in (None, hidden_size):
         # The release's S configs pass no decoder width (768 != 384) and cannot run; ours use D.
         raise ValueError(f"decoder_hidden_size must equal hidden_size ({hidden_size}), got {decoder_hidden_size}")
+
+
+def _check_options(opts, depth, head_dim, encoder_depth):
+    """encoder_depth: the projectors' block (1-based), None without projectors."""
+    if opts["norm"] not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {opts['norm']!r}")
+    if opts["pos_embed"] not in ("sincos", "none"):
+        raise ValueError(f"pos_embed must be 'sincos' or 'none', got {opts['pos_embed']!r}")
+    if opts["pos_embed"] == "none" and not opts["rope"]:
+        raise ValueError("pos_embed='none' needs rope=True (the model would have no position information)")
+    if opts["rope"] and head_dim % 4:
+        raise ValueError(f"rope needs a head dim divisible by 4 (2 axes x channel pairs), got {head_dim}")
+    if opts["routing"] not in ("none", *ROUTING_DEFAULTS):
+        raise ValueError(f"routing must be 'none', 'sprint' or 'tread', got {opts['routing']!r}")
+    if opts["routing"] == "none":
+        return
+    start, end = opts["route_start"], opts["route_end"]
+    if not 1 <= start < end <= depth:
+        raise ValueError(f"routed blocks [route_start, route_end) must satisfy 1 <= start < end <= depth ({depth}), "
+                         f"got [{start}, {end})")
+    if not 0.0 <= opts["route_drop"] < 1.0:
+        raise ValueError(f"route_drop must be in [0, 1), got {opts['route_drop']}")
+    if not 0.0 <= opts["path_drop"] <= 1.0 or (opts["routing"] == "tread" and opts["path_drop"]):
+        raise ValueError(f"path_drop must be in [0, 1] (and 0 for TREAD), got {opts['path_drop']}")
+    if encoder_depth is not None and start < encoder_depth <= end:
+        raise ValueError(f"encoder_depth {encoder_depth} taps a routed block (blocks {start + 1}..{end}, 1-based); "
+                         f"the projectors need all tokens: use encoder_depth <= route_start ({start}) or > route_end ({end})")
 
 
 #################################################################################
@@ -398,6 +782,10 @@ SIT_CONFIGS = {
     "SiT-L/2": (24, 1024, 16, 2), "SiT-L/4": (24, 1024, 16, 4), "SiT-L/8": (24, 1024, 16, 8),
     "SiT-B/2": (12, 768, 12, 2), "SiT-B/4": (12, 768, 12, 4), "SiT-B/8": (12, 768, 12, 8),
     "SiT-S/2": (12, 384, 6, 2), "SiT-S/4": (12, 384, 6, 4), "SiT-S/8": (12, 384, 6, 8),
+    # Patch 1 (issue 15.7), for latent spaces with 16x downsampling (e.g. SpeedrunDiT's SiT-B/1 on
+    # a 16x16 latent grid at 256 px): the same token count as /2 on SD-VAE's 32x32 latents.
+    "SiT-XL/1": (28, 1152, 16, 1), "SiT-L/1": (24, 1024, 16, 1), "SiT-B/1": (12, 768, 12, 1),
+    "SiT-S/1": (12, 384, 6, 1),
     # Not in the paper: a tiny size for the CPU demo, and a smaller one for fast tests.
     "SiT-T/2": (6, 256, 4, 2), "SiT-T/4": (6, 256, 4, 4),
     "SiT-XS/2": (4, 64, 2, 2),

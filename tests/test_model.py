@@ -469,6 +469,101 @@ def test_init_statistics():
         assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
 
 
+# Parameter order of TINY (REG): written from the spec's registration order (section 1). Module
+# parameters come after the module's own (pos_embed is the model's own Parameter, so it is first
+# in named_parameters()); the order of the modules is x_embedder, t_embedder, y_embedder, blocks,
+# projectors, final_layer (linear, linear_cls, adaLN), cls_projectors2, wg_norm.
+def _spec_parameter_order(cls: bool = True, depth: int = 2):
+    names = ["pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+             "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+             "y_embedder.embedding_table.weight"]
+    for i in range(depth):
+        names += [f"blocks.{i}.{m}.{p}" for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+                  for p in ("weight", "bias")]
+    names += [f"projectors.0.{j}.{p}" for j in (0, 2, 4) for p in ("weight", "bias")]
+    names += ["final_layer.linear.weight", "final_layer.linear.bias"]
+    if cls:
+        names += ["final_layer.linear_cls.weight", "final_layer.linear_cls.bias"]
+    names += ["final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
+    if cls:
+        names += ["cls_projectors2.weight", "cls_projectors2.bias", "wg_norm.weight", "wg_norm.bias"]
+    return names
+
+
+@pytest.mark.parametrize("cls", [True, False], ids=["reg", "repa"])
+def test_parameter_order_is_the_releases(cls):
+    torch.manual_seed(0)
+    model = SiT(**{**TINY, "cls_token_dim": 16 if cls else 0})
+    assert [n for n, _ in model.named_parameters()] == _spec_parameter_order(cls)
+    assert list(model.state_dict()) == _spec_parameter_order(cls)
+
+
+# (sum, sum of |x|, first element) of every tensor of SiT(**TINY) right after torch.manual_seed(0),
+# read off the releases' own models (Martinser/REG and sihyun-yu/REPA, models/sit.py, built from a
+# copy outside this repository, torch 2.14.1 CPU generator; REG: decoder_hidden_size=32). Zero and
+# constant tensors are left out (test_init_statistics covers them); pos_embed is pinned elsewhere.
+RELEASE_INIT_PINS = {
+    "reg": {
+        "x_embedder.proj.weight": (1.8751764, 93.6346175, 0.183886737),
+        "t_embedder.mlp.0.weight": (-0.0119145449, 130.653101, -0.00746013271),
+        "t_embedder.mlp.2.weight": (-0.181608002, 16.784279, -0.00614012638),
+        "y_embedder.embedding_table.weight": (0.00756235578, 5.75055502, 0.00285060192),
+        "blocks.0.attn.qkv.weight": (-7.24641039, 329.057779, -0.103160717),
+        "blocks.0.attn.proj.weight": (4.64549312, 158.888543, -0.118626885),
+        "blocks.0.mlp.fc1.weight": (-5.07815758, 396.700224, -0.147174969),
+        "blocks.0.mlp.fc2.weight": (6.59507178, 396.460163, 0.172723696),
+        "blocks.1.attn.qkv.weight": (2.75665195, 336.466253, -0.109122902),
+        "blocks.1.attn.proj.weight": (-3.92132023, 156.548134, -0.0610792525),
+        "blocks.1.mlp.fc1.weight": (8.44654639, 391.721952, 0.184248105),
+        "blocks.1.mlp.fc2.weight": (11.1171419, 400.305517, 0.155945465),
+        "projectors.0.0.weight": (-0.939053077, 125.497708, 0.187638491),
+        "projectors.0.2.weight": (1.06679647, 102.925269, -0.317305565),
+        "projectors.0.4.weight": (3.60680573, 73.8163402, 0.18851018),
+        "cls_projectors2.weight": (2.95690728, 90.9579686, -0.138332739),
+    },
+    "repa": {
+        "x_embedder.proj.weight": (1.95193619, 93.0107631, 0.289514542),
+        "t_embedder.mlp.0.weight": (0.573635354, 131.507357, 0.0245784),
+        "t_embedder.mlp.2.weight": (0.24791237, 15.5253858, 0.00123892189),
+        "y_embedder.embedding_table.weight": (-0.0574640085, 5.35644462, 0.00549125066),
+        "blocks.0.attn.qkv.weight": (-6.53610555, 334.588038, 0.141911507),
+        "blocks.0.attn.proj.weight": (-3.05856846, 155.161277, 0.15063253),
+        "blocks.0.mlp.fc1.weight": (-2.81904812, 399.400444, -0.117105186),
+        "blocks.0.mlp.fc2.weight": (11.4793955, 394.226682, -0.132025927),
+        "blocks.1.attn.qkv.weight": (6.02836536, 333.206752, 0.0993186235),
+        "blocks.1.attn.proj.weight": (2.09362052, 159.799169, -0.144901186),
+        "blocks.1.mlp.fc1.weight": (3.01552856, 395.739317, -0.160221353),
+        "blocks.1.mlp.fc2.weight": (6.73804469, 396.646186, -0.0651450455),
+        "projectors.0.0.weight": (-2.48246271, 124.008152, 0.100289918),
+        "projectors.0.2.weight": (-4.78552632, 101.52165, -0.336018533),
+        "projectors.0.4.weight": (1.06714776, 74.3628393, 0.0219958704),
+    },
+}
+
+
+@pytest.mark.parametrize("name", ["reg", "repa"])
+def test_seeded_init_is_the_releases(name):
+    """Same seed, same start: every random tensor equals the release's (pinned above); the others
+    are the spec's constants."""
+    torch.manual_seed(0)
+    model = SiT(**{**TINY, "cls_token_dim": 16 if name == "reg" else 0})
+    pins = RELEASE_INIT_PINS[name]
+    for key, tensor in model.state_dict().items():
+        v = tensor.double()
+        if key in pins:
+            total, abs_total, first = pins[key]
+            got = (v.sum().item(), v.abs().sum().item(), v.flatten()[0].item())
+            assert got == pytest.approx((total, abs_total, first), rel=1e-6, abs=1e-8), key
+        elif key == "pos_embed":
+            assert v.sum().item() == pytest.approx(254.989013, rel=1e-8)      # the 16 grid rows
+            assert v.shape[1] == 16 or torch.count_nonzero(v[0, 0]) == 0      # REG: row 0 zeros
+        elif key == "wg_norm.weight":
+            assert torch.equal(tensor, torch.ones_like(tensor))
+        else:
+            assert torch.count_nonzero(tensor) == 0, key
+    assert set(pins) < set(model.state_dict())
+
+
 #################################################################################
 #                                 Class dropout                                 #
 #################################################################################
@@ -575,9 +670,10 @@ SPEC_TABLE = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S"
 
 
 def test_every_config_matches_the_spec_table():
-    """The paper's 12 sizes are present with the spec's numbers; every entry (extra non-paper
-    sizes included) builds the architecture its table row says."""
-    spec_names = {f"SiT-{s}/{p}" for s in SPEC_TABLE for p in (2, 4, 8)}
+    """The paper's 12 sizes and the patch-1 sizes of issue 15.7 (S/1 .. XL/1) are present with the
+    spec's numbers; every entry (extra non-paper sizes included) builds the architecture its table
+    row says."""
+    spec_names = {f"SiT-{s}/{p}" for s in SPEC_TABLE for p in (1, 2, 4, 8)}
     assert spec_names <= set(SiT_models)
     for name in sorted(SiT_models):
         if name in spec_names:

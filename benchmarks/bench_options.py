@@ -1,0 +1,271 @@
+"""Step time and memory of the SiT options (issue 15) against the default model, side by side.
+
+One training step = SILoss forward (REG: image + class token + REPA alignment), backward, AdamW
+(train.make_optimizer). Time: all variants are built in one process and stepped round-robin (one
+step of each per round, the order alternating), so background load hits them alike; the median
+and the minimum wall time over the rounds are printed, and on a CPU the median process CPU time
+too, which a busy shared machine disturbs far less (use --threads 1 there: then CPU time is the
+uncontended step time). Memory: every variant runs once more in a process of its own, first,
+so its peak is its own: the process's peak RSS (VmHWM) and the growth of the peak RSS during one
+step above the RSS before it (CPU, with glibc's mmap threshold pinned so that freed activations
+leave the RSS), or torch.cuda.max_memory_allocated (CUDA). The "computed" column is the
+activation memory benchmarks/flops.py derives from the architecture.
+
+Variants (any subset with --variants):
+  default      the release's model
+  rmsnorm      norm="rmsnorm"                 qknorm    qk_norm=True
+  rope         rope=True (+ sin-cos table)    vres      value_residual=True
+  sprint       routing="sprint" (drop 0.75 of the image tokens in blocks [2, depth-2), path drop 0.05)
+  tread        routing="tread"  (drop 0.5 in the same blocks)
+  ckpt         grad_checkpointing=True
+  all          rmsnorm + qknorm + rope + vres + sprint (SpeedrunDiT's architecture)
+  all+ckpt     the same with grad checkpointing
+
+The timed body is ``step(model, batch)``: swap in train.py's step function there to time the
+project's real step (it draws the routing from a generator seeded like train.py would).
+
+    python benchmarks/bench_options.py --threads 2                 # CPU: SiT-S/2, 128 px, batch 8
+    python benchmarks/bench_options.py --model SiT-B/1 --resolution 256 --latent-down 16 \\
+        --batch-size 64 --precision bf16                           # one GPU, SpeedrunDiT's size
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.flops import sit_activation_bytes  # noqa: E402
+from loss import SILoss  # noqa: E402
+from models.sit import SIT_CONFIGS, create_model  # noqa: E402
+
+SPEEDRUN = dict(norm="rmsnorm", qk_norm=True, rope=True, value_residual=True, routing="sprint")
+VARIANTS = {  # name -> (model options, grad checkpointing)
+    "default": ({}, False),
+    "rmsnorm": (dict(norm="rmsnorm"), False),
+    "qknorm": (dict(qk_norm=True), False),
+    "rope": (dict(rope=True), False),
+    "vres": (dict(value_residual=True), False),
+    "sprint": (dict(routing="sprint"), False),
+    "tread": (dict(routing="tread"), False),
+    "ckpt": ({}, True),
+    "all": (SPEEDRUN, False),
+    "all+ckpt": (SPEEDRUN, True),
+}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS = SILoss(prediction="v", path_type="linear", weighting="uniform")
+
+
+#################################################################################
+#                        The timed body: one training step                      #
+#################################################################################
+
+def step(model, batch):
+    """One training step of ``model`` on ``batch``; returns the loss (not synchronised).
+
+    batch: latents (N, C, H, W), y (N,), cls (N, Z) clean class token, zs (N, [1+]T, Z) clean
+    alignment target, optimizer, amp dtype or None, route_generator (CPU torch.Generator)."""
+    route = None
+    if model.routing != "none":   # training draws a route every step, the same on every rank
+        route = model.draw_route(batch["y"].shape[0], batch["route_generator"])
+    with torch.autocast(batch["latents"].device.type, dtype=batch["amp"] or torch.float32,
+                        enabled=batch["amp"] is not None):
+        terms = LOSS(model, batch["latents"], model_kwargs=dict(y=batch["y"], route=route),
+                     zs=[batch["zs"]], cls_token=batch["cls"])
+        loss = terms.denoising_loss.mean() + 0.5 * terms.proj_loss + 0.03 * terms.denoising_loss_cls.mean()
+    opt = batch["optimizer"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+#################################################################################
+#                                    Worker                                     #
+#################################################################################
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(key)
+
+
+def build(args, name):
+    """(model, batch) of one variant, on args.device, in training mode."""
+    device = torch.device(args.device)
+    options, ckpt = VARIANTS[name]
+    latent = args.resolution // args.latent_down
+    z = args.enc_dim
+    torch.manual_seed(0)
+    model = create_model(args.model, input_size=latent, in_channels=args.channels, z_dims=[z],
+                         projector_dim=args.projector_dim, encoder_depth=args.encoder_depth, cls_token_dim=z,
+                         **options).to(device).train()
+    model.grad_checkpointing = ckpt
+    if args.compile:
+        model.compile_blocks()
+    from train import make_optimizer
+    opt = make_optimizer(model.parameters(), "auto", lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    n, tokens = args.batch_size, (latent // SIT_CONFIGS[args.model][3]) ** 2
+    batch = dict(
+        latents=torch.randn(n, args.channels, latent, latent, generator=g).to(device),
+        y=torch.randint(0, 1000, (n,), generator=g).to(device),
+        cls=torch.randn(n, z, generator=g).to(device),
+        zs=torch.randn(n, 1 + tokens, z, generator=g).to(device),
+        optimizer=opt, amp=PRECISIONS[args.precision],
+        route_generator=torch.Generator().manual_seed(1),
+    )
+    return model, batch
+
+
+def computed_activations(args, model) -> float:
+    """benchmarks/flops.py's activation bytes for this variant and batch."""
+    routing = None
+    if model.routing != "none":
+        routing = (model.routing, model.route_start, model.route_end, 1 - model.route_drop)
+    cfg = model.config
+    latent = args.resolution // args.latent_down
+    return args.batch_size * sum(sit_activation_bytes(
+        args.model, latent, args.enc_dim, (args.enc_dim,), args.projector_dim, args.precision,
+        checkpointing=model.grad_checkpointing, routing=routing, norm=cfg["norm"], qk_norm=cfg["qk_norm"],
+        rope=cfg["rope"], value_residual=cfg["value_residual"]).values())
+
+
+def worker(args) -> dict:
+    """Memory of one variant (its own process): warm up, then one measured step."""
+    device = torch.device(args.device)
+    model, batch = build(args, args.worker)
+    for _ in range(args.warmup):
+        step(model, batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        before = _status_kb("VmHWM") * 1024               # this process's peak so far (warm-up)
+        with open("/proc/self/clear_refs", "w") as f:   # 5: reset VmHWM (peak RSS) to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS") * 1024
+    step(model, batch)
+    sync()
+    if device.type == "cuda":
+        peak, growth = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = max(before, _status_kb("VmHWM") * 1024)
+        growth = _status_kb("VmHWM") * 1024 - base
+    return dict(peak=peak, growth=growth, computed=computed_activations(args, model))
+
+
+def time_variants(args, names) -> dict:
+    """All variants in this process, stepped round-robin: {name: [seconds per step]}."""
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    built = {}
+    for name in names:
+        built[name] = build(args, name)
+        for _ in range(args.warmup):
+            step(*built[name])
+    times = {name: [] for name in names}
+    for r in range(args.runs):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(*built[name])
+            sync()
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return times
+
+
+#################################################################################
+#                                    Driver                                     #
+#################################################################################
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Step time and memory of the SiT options, one process per variant.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="SiT-S/2", choices=list(SIT_CONFIGS))
+    p.add_argument("--resolution", type=int, default=128, help="image size")
+    p.add_argument("--latent-down", type=int, default=8, help="latent downsampling (SD-VAE 8; 16x VAEs 16)")
+    p.add_argument("--channels", type=int, default=4, help="latent channels")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--enc-dim", type=int, default=768, help="encoder width (class token and alignment target)")
+    p.add_argument("--projector-dim", type=int, default=2048)
+    p.add_argument("--encoder-depth", type=int, default=2,
+                   help="projector tap; with routing it must lie in the dense head (SpeedrunDiT: 2)")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
+    p.add_argument("--runs", type=int, default=7, help="timed rounds (one step of every variant per round)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        p.error(f"unknown --variants {bad}; choose from {', '.join(VARIANTS)}")
+    if args.resolution % args.latent_down:
+        p.error("--resolution must be a multiple of --latent-down")
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    memory = {}
+    for v in names:
+        cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", v, "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if out.returncode or line is None:
+            sys.exit(f"variant {v} failed:\n{out.stderr.strip()[-2000:]}")
+        memory[v] = json.loads(line[len("RESULT "):])
+    times = time_variants(args, names)      # after the memory runs: a big parent would inflate them
+
+    depth, dim, _, patch = SIT_CONFIGS[args.model]
+    latent = args.resolution // args.latent_down
+    print(f"device {args.device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{args.model} (depth {depth}, width {dim}), {latent}x{latent} latents = {(latent // patch) ** 2} tokens + class token, "
+          f"batch {args.batch_size}, {args.precision}, REG with a {args.enc_dim}-wide token and a {args.projector_dim}-wide "
+          f"projector at block {args.encoder_depth}, compile {'on' if args.compile else 'off'}")
+    print(f"time: {args.runs} rounds, one step of every variant per round; memory: one step in a process of its own")
+    cpu = not args.device.startswith("cuda")
+    mem = "peak RSS" if cpu else "CUDA peak alloc."
+    clock = "CPU ms" if cpu else ""
+    print(f"{'variant':10s} {'wall ms':>8s} {'min':>6s} {clock:>8s} {'speed-up':>9s} {mem:>16s} "
+          f"{'step peak growth':>17s} {'computed act.':>14s}")
+
+    def key(v):  # the figure the speed-up is computed from: CPU time on a CPU, wall time on CUDA
+        return statistics.median(t[1] if cpu else t[0] for t in times[v])
+    for v in names:
+        wall = [t[0] for t in times[v]]
+        speed = f"{key('default') / key(v):.2f}x" if "default" in times else ""
+        m = memory[v]
+        cpu_ms = f"{key(v) * 1e3:8.0f}" if cpu else f"{'':8s}"
+        print(f"{v:10s} {statistics.median(wall) * 1e3:8.0f} {min(wall) * 1e3:6.0f} {cpu_ms} {speed:>9s} "
+              f"{m['peak'] / 2 ** 20:12.0f} MiB {m['growth'] / 2 ** 20:13.0f} MiB {m['computed'] / 2 ** 20:10.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
