@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import cli
@@ -33,7 +34,7 @@ from checkpoint import CheckpointError, Checkpointer, checkpoint_paths, infer_mo
 from fileio import atomic_open, atomic_write_bytes
 from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective, resolution_shift
 from models.autoencoder import sample_latents
-from models.sit import SIT_CONFIGS, SiT_models
+from models.sit import SIT_CONFIGS, SiT_models, complete_config
 from optim import ADAM_IMPLS, GuardedAdamW, make_optimizer, update_ema
 from runtime import DEFAULT_TIMEOUT_MIN, launcher_env, one_line, resolve_device
 
@@ -80,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False, help="LayerNorm on queries and keys")
     g.add_argument("--projector-dim", type=int, default=2048, help="hidden width of the REPA projector MLPs")
     g.add_argument("--ops-head", type=int, default=16, help="accepted for the release's command lines; no effect")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each SiT block's activations in the backward pass (less memory, ~1/3 more "
+                        "compute; same gradients; not part of the architecture)")
+
+    g = p.add_argument_group("beyond the release (off by default; see README, 'Beyond the release')")
+    g.add_argument("--norm", choices=["layernorm", "rmsnorm"], default="layernorm",
+                   help="RMSNorm in blocks, final layer, class-token embedding and QK-norm (SpeedrunDiT)")
+    g.add_argument("--rope", action=argparse.BooleanOptionalAction, default=False,
+                   help="2-D axial rotary embeddings on queries and keys (the class token is not rotated)")
+    g.add_argument("--pos-embed", choices=["sincos", "none"], default="sincos",
+                   help="the fixed sin-cos table added to the tokens (none: RoPE alone)")
+    g.add_argument("--value-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="mix each block's attention values with the first block's (learned weight, 0.5 at start)")
+    g.add_argument("--routing", choices=["none", "sprint", "tread"], default="none",
+                   help="token routing in training (sampling stays dense): SPRINT or TREAD")
+    g.add_argument("--route-start", type=int, default=None, help="first routed block (default 2)")
+    g.add_argument("--route-end", type=int, default=None, help="end of the routed blocks (default depth - 2)")
+    g.add_argument("--route-drop", type=float, default=None,
+                   help="fraction of image tokens dropped in the routed blocks (default: SPRINT 0.75, TREAD 0.5)")
+    g.add_argument("--path-drop", type=float, default=None,
+                   help="SPRINT: fraction of steps whose whole sparse path is replaced by its mask token (default 0.05)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, required=True, help="preprocessed dataset (see Data preparation)")
@@ -202,6 +224,9 @@ class TrainState:
     precision: str = "fp32"
     ema_decay: float = 0.9999
     max_grad_norm: float = 1.0
+    seed: int = 0               # token routing: the draw of step s comes from (seed, s), the same on every
+    rank: int = 0               # process; each process takes its rows of the global batch
+    world: int = 1
 
     def __post_init__(self):
         self.forward = self.forward or self.model
@@ -212,6 +237,16 @@ class TrainState:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         device = self._params[0].device.type
         return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+    def route(self, micro: int, local_batch: int):
+        """The token-routing draw of this step's micro-batch ``micro`` for this process's samples, or
+        None for a model without routing. Drawn for the global batch from a generator seeded by
+        (seed, step, micro): identical on every process, and the same after a resume."""
+        if getattr(self.model, "routing", "none") == "none":
+            return None
+        seed = int(np.random.SeedSequence([self.seed, self.step, micro]).generate_state(1, np.uint64)[0])
+        route = self.model.draw_route(local_batch * self.world, torch.Generator().manual_seed(seed))
+        return route.rows(self.rank * local_batch, (self.rank + 1) * local_batch)
 
     def no_sync(self, sync: bool):
         """DDP's gradient all-reduce only on the last micro-batch of an optimizer step."""
@@ -231,6 +266,9 @@ def train_step(state: TrainState, micro_batches, objective: REGObjective, prepar
     for i, batch in enumerate(micro_batches):
         with torch.no_grad():
             inputs = prepare(batch)                                            # x (N, C, h, w), y (N,), ...
+        route = state.route(i, inputs["x"].shape[0])
+        if route is not None:
+            inputs["route"] = route
         with state.no_sync(i == n - 1), state.autocast():
             terms = objective(state.forward, **inputs)
         state.scaler.scale(terms["loss"] / n).backward()
@@ -549,7 +587,10 @@ def build_model(run, parser) -> None:
     config = dict(input_size=size, in_channels=channels, num_classes=args.num_classes or dataset.num_classes,
                   class_dropout_prob=args.cfg_prob, z_dims=z_dims if args.proj_coeff > 0 else [],
                   projector_dim=args.projector_dim, encoder_depth=args.encoder_depth,
-                  cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn)
+                  cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn,
+                  norm=args.norm, rope=args.rope, pos_embed=args.pos_embed, value_residual=args.value_residual,
+                  routing=args.routing, route_start=args.route_start, route_end=args.route_end,
+                  route_drop=args.route_drop, path_drop=args.path_drop)
     run.resume_ckpt = None
     if args.resume_from:
         run.resume_ckpt = read_checkpoint(args.resume_from, parser)
@@ -560,6 +601,7 @@ def build_model(run, parser) -> None:
         run.model = SiT(**config) if args.resume_from else create_model(args.model, **config)
     except ValueError as e:
         parser.error(str(e))
+    run.model.grad_checkpointing = args.grad_checkpointing
     if args.init_from:
         init_weights_from(run.model, read_checkpoint(args.init_from, parser), args.init_from)
     run.model_name = run.resume_ckpt.get("model_name", args.model) if args.resume_from else args.model
@@ -589,7 +631,8 @@ def build_training(run, parser) -> None:
             enc.compile()
     run.state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
                            scaler=torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16"),
-                           forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm)
+                           forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
+                           seed=args.seed, rank=run.rank, world=run.world)
     shift = resolution_shift(run.latent_shape, args.shift_base) if args.time_shift else 1.0
     run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
                                  weighting=args.weighting, prediction=args.prediction, time_shift=shift,
@@ -740,7 +783,7 @@ def restore(run, ckpt: dict, path: str) -> None:
     args, state = run.args, run.state
     stored = ckpt.get("model_config")
     if stored is not None and not args.resume_from:
-        ours = state.model.config
+        stored, ours = complete_config(stored), state.model.config
         diff = sorted(k for k in set(stored) | set(ours)
                       if k not in WEIGHT_FREE_CONFIG and stored.get(k) != ours.get(k))
         if diff:

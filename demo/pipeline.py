@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--model", default="SiT-T/2")
     p.add_argument("--max-images", type=int, default=None, help="only the first N digits (tests)")
+    p.add_argument("--exp-name", default="reg-digits", help="the training run's folder under OUT/exps")
+    p.add_argument("--train-args", default="", help="extra train.py flags, e.g. the ladder's \"--routing sprint ...\"")
     return p
 
 
@@ -64,7 +66,7 @@ def main(argv=None) -> dict:
     from preprocessing import dataset_tools
 
     out, res = args.out, args.resolution
-    data, exp = os.path.join(out, "data"), os.path.join(out, "exps", "reg-digits")
+    data, exp = os.path.join(out, "data"), os.path.join(out, "exps", args.exp_name)
     tools = "preprocessing/dataset_tools.py"
 
     stage(f"1/6 dataset: scikit-learn digits as class folders ({res}x{res} RGB)")
@@ -88,11 +90,12 @@ def main(argv=None) -> dict:
     # Demo-sized recipe: a higher learning rate and a short EMA (0.99): the run is only minutes long.
     call(train.main, ["--model", args.model, "--enc-type", "random-vit-tiny", "--encoder-depth", 2,
                       "--projector-dim", 256, "--data-dir", data, "--resolution", res,
-                      "--output-dir", os.path.join(out, "exps"), "--exp-name", "reg-digits", "--batch-size", 64,
+                      "--output-dir", os.path.join(out, "exps"), "--exp-name", args.exp_name, "--batch-size", 64,
                       "--learning-rate", "1e-3", "--ema-decay", 0.99, "--max-train-steps", args.steps,
                       "--checkpointing-steps", 200, "--keep-last", 2, "--sampling-steps", 200,
                       "--sample-num-steps", 30, "--sample-cfg-scale", 2, "--log-every", args.log_every,
-                      "--precision", "fp32", "--report-to", "none", "--num-workers", 1], "train.py")
+                      "--precision", "fp32", "--report-to", "none", "--num-workers", 1, *shlex.split(args.train_args)],
+         "train.py")
     ckpt = sorted(f for f in os.listdir(os.path.join(exp, "checkpoints")) if f.endswith(".pt"))[-1]
     ckpt = os.path.join(exp, "checkpoints", ckpt)
 
@@ -100,12 +103,13 @@ def main(argv=None) -> dict:
     samples = call(generate.main, ["--ckpt", ckpt, "--mode", "sde", "--num-steps", args.sample_steps,
                                    "--cfg-scale", 2.0, "--cls-cfg-scale", 2.0, "--num-fid-samples", args.num_samples,
                                    "--per-proc-batch-size", 100, "--class-balanced",
-                                   "--sample-dir", os.path.join(out, "samples"), "--name", "reg-digits"], "generate.py")
+                                   "--sample-dir", os.path.join(out, "samples"), "--name", args.exp_name], "generate.py")
 
     stage("5/6 evaluation: digit classifier on the samples; ADM metrics (random Inception weights)")
-    accuracy_json = os.path.join(out, "digit_accuracy.json")
-    call(digit_accuracy.main, [samples, "--out-json", accuracy_json,
-                               "--out-grid", os.path.join(out, "samples_by_class.png")], "demo/digit_accuracy.py")
+    tag = "" if args.exp_name == "reg-digits" else f"_{args.exp_name}"
+    accuracy_json = os.path.join(out, f"digit_accuracy{tag}.json")
+    grid = os.path.join(out, f"samples_by_class{tag}.png")
+    call(digit_accuracy.main, [samples, "--out-json", accuracy_json, "--out-grid", grid], "demo/digit_accuracy.py")
     weights = os.path.join(out, "inception-RANDOM.pth")
     if not os.path.isfile(weights):
         save_random_weights(weights)
@@ -114,19 +118,19 @@ def main(argv=None) -> dict:
         call(reference.main, [os.path.join(data, "images"), ref, "--num-images",
                               min(args.eval_images, args.max_images or args.eval_images), "--no-stats"],
              "evaluations/reference.py")
-    subset = os.path.join(out, "samples_eval.npz")
+    subset = os.path.join(out, f"samples_eval{tag}.npz")
     with np.load(samples) as f:
         atomic_save_npz(subset, arr_0=f["arr_0"][:args.eval_images])
     call(evaluator.main, [ref, subset, "--inception-weights", weights, "--fid-method", "lowrank", "--device", "cpu"],
          "evaluations/evaluator.py")
 
     stage("6/6 loss curve")
-    curve = os.path.join(out, "loss_curve.png")
+    curve = os.path.join(out, f"loss_curve{tag}.png")
     call(plot_loss.main, [os.path.join(exp, "metrics.jsonl"), "--out", curve], "demo/plot_loss.py")
 
-    paths = {"checkpoint": ckpt, "samples by class": os.path.join(out, "samples_by_class.png") + "   (row k = digit k)",
+    paths = {"checkpoint": ckpt, "samples by class": grid + "   (row k = digit k)",
              "EMA sample grids": os.path.join(exp, "samples") + "/", "digit accuracy": accuracy_json,
-             "ADM metrics": os.path.join(out, "samples_eval.metrics.json") + "   (RANDOM Inception weights: pipeline check only)",
+             "ADM metrics": subset.removesuffix(".npz") + ".metrics.json   (RANDOM Inception weights: pipeline check only)",
              "loss curve": curve}
     print()
     for name, path in paths.items():

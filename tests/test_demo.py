@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -122,3 +123,28 @@ def test_readme_flag_tables_list_every_flag_with_its_default(script):
     assert {k: rows[k][0] for k in want} == want
     named = set().union(*(flags for _, flags in rows.values()))
     assert set(aliases) <= named, set(aliases) - named
+
+
+LADDER = "--routing sprint --norm rmsnorm --rope --qk-norm --value-residual --cfm-coeff 0.05 --time-shift"
+
+
+@pytest.mark.slow
+def test_the_builtin_run_with_the_speedrun_ladder_trains_and_samples(tmp_path):
+    """Every rung of SpeedrunDiT's ladder at once on the built-in digits (not asserted to be better)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from demo import pipeline
+    out = tmp_path / "demo_out"
+    try:
+        result = pipeline.main(["--out", str(out), "--steps", "10", "--log-every", "5", "--num-samples", "10",
+                                "--sample-steps", "4", "--eval-images", "8", "--max-images", "300",
+                                "--model", "SiT-XS/2", "--exp-name", "ladder",
+                                "--train-args", LADDER + " --route-start 2 --route-end 3"])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    config = torch.load(result["checkpoint"], weights_only=True)["model_config"]
+    assert (config["routing"], config["norm"], config["rope"], config["value_residual"]) == ("sprint", "rmsnorm", True, True)
+    logs = [json.loads(line) for line in open(out / "exps" / "ladder" / "metrics.jsonl")]
+    assert "cfm_loss" in logs[-1] and logs[-1]["loss_mean"] < logs[0]["loss_mean"]
+    assert json.load(open(out / "digit_accuracy_ladder.json"))["num_samples"] == 10

@@ -322,3 +322,52 @@ def test_a_class_token_cache_serves_the_class_token_while_the_encoder_gives_the_
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "clscache/checkpoints/0000002.pt"))
     assert ckpt["model_config"]["z_dims"] == [64] and ckpt["model_config"]["cls_token_dim"] == 64
     assert ckpt["codec"]["family"] == "pca"
+
+
+#################################################################################
+#                     Beyond the release: options in training                   #
+#################################################################################
+
+def test_route_draws_are_the_same_on_every_process_and_split_by_rows():
+    from models.sit import create_model
+    torch.manual_seed(0)
+    model = create_model("SiT-XS/2", input_size=8, num_classes=10, z_dims=[16], projector_dim=16, encoder_depth=1,
+                         cls_token_dim=16, routing="sprint", route_start=1, route_end=3, path_drop=0.5)
+    opt = torch.optim.AdamW(model.parameters())
+    one = train.TrainState(model, opt, seed=3, step=7)                          # 1 process, global batch 8
+    ranks = [train.TrainState(model, opt, seed=3, step=7, rank=r, world=2) for r in (0, 1)]
+    whole = one.route(0, 8)
+    parts = [s.route(0, 4) for s in ranks]                                      # 2 processes, 4 each
+    assert torch.equal(torch.cat([p.keep for p in parts]), whole.keep)
+    assert parts[0].drop_path == parts[1].drop_path == whole.drop_path
+    assert not torch.equal(one.route(1, 8).keep, whole.keep)                    # another micro-batch, another draw
+
+
+@pytest.mark.parametrize("flags", [
+    dict(norm="rmsnorm", rope=None, value_residual=None, routing="sprint", route_start=2, route_end=3,
+         cfm_coeff=0.05, time_shift=None, qk_norm=None),
+    dict(routing="tread", route_start=2, route_end=3, pos_embed="none", rope=None),
+], ids=["speedrun-ladder", "tread"])
+def test_options_train_and_resume_bit_for_bit(data_dir, tmp_path, flags):
+    train.main(base_args(data_dir, tmp_path, "straight", 4, checkpointing_steps=2, **flags))
+    train.main(base_args(data_dir, tmp_path, "split", 2, checkpointing_steps=2, **flags))
+    train.main(base_args(data_dir, tmp_path, "split", 4, checkpointing_steps=2, **flags))
+    a = checkpoint.load_checkpoint(str(tmp_path / "straight/checkpoints/0000004.pt"))
+    b = checkpoint.load_checkpoint(str(tmp_path / "split/checkpoints/0000004.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    config = a["model_config"]
+    assert config["routing"] == flags["routing"] and (config["route_start"], config["route_end"]) == (2, 3)
+    model = checkpoint.model_from_checkpoint(a)                                 # rebuilds the same model
+    assert model.routing == flags["routing"] and model.config == config
+    if "cfm_coeff" in flags:
+        assert "cfm_loss" in read_metrics(tmp_path / "straight")[0]
+
+
+def test_grad_checkpointing_trains_the_same_weights(data_dir, tmp_path):
+    train.main(base_args(data_dir, tmp_path, "plain", 3))
+    train.main(base_args(data_dir, tmp_path, "ckpt", 3, grad_checkpointing=None))
+    a = checkpoint.load_checkpoint(str(tmp_path / "plain/checkpoints/0000003.pt"))
+    b = checkpoint.load_checkpoint(str(tmp_path / "ckpt/checkpoints/0000003.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [m["loss"] for m in read_metrics(tmp_path / "plain")] == [m["loss"] for m in read_metrics(tmp_path / "ckpt")]
+    assert "grad_checkpointing" not in b["model_config"]                        # not part of the architecture
