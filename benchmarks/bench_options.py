@@ -6,8 +6,8 @@ step of each per round, the order alternating), so background load hits them ali
 and the minimum wall time over the rounds are printed, and on a CPU the median process CPU time
 too, which a busy shared machine disturbs far less (use --threads 1 there: then CPU time is the
 uncontended step time). Memory: every variant runs once more in a process of its own, first,
-so its peak is its own: the process's peak RSS (VmHWM) and the growth of the peak RSS during one
-step above the RSS before it (CPU, with glibc's mmap threshold pinned so that freed activations
+so its peak is its own: the process's peak RSS (VmHWM) and the growth of the peak RSS during the
+loss forward and backward of one step above the RSS before it (CPU, with glibc's mmap threshold pinned so that freed activations
 leave the RSS), or torch.cuda.max_memory_allocated (CUDA). The "computed" column is the
 activation memory benchmarks/flops.py derives from the architecture.
 
@@ -21,7 +21,7 @@ Variants (any subset with --variants):
   all          rmsnorm + qknorm + rope + vres + sprint (SpeedrunDiT's architecture)
   all+ckpt     the same with grad checkpointing
 
-The timed body is ``step(model, batch)``: swap in train.py's step function there to time the
+The timed body is ``step(state, batch)``: train.py's own train_step, so the figures time the
 project's real step (it draws the routing from a generator seeded like train.py would).
 
     python benchmarks/bench_options.py --threads 2                 # CPU: SiT-S/2, 128 px, batch 8
@@ -31,6 +31,7 @@ project's real step (it draws the routing from a generator seeded like train.py 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -44,7 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.flops import sit_activation_bytes  # noqa: E402
-from loss import SILoss  # noqa: E402
+from loss import REGObjective  # noqa: E402
+from optim import GuardedAdamW, make_optimizer  # noqa: E402
+from train import TrainState, train_step  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model  # noqa: E402
 
 SPEEDRUN = dict(norm="rmsnorm", qk_norm=True, rope=True, value_residual=True, routing="sprint")
@@ -61,31 +64,30 @@ VARIANTS = {  # name -> (model options, grad checkpointing)
     "all+ckpt": (SPEEDRUN, True),
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOSS = SILoss(prediction="v", path_type="linear", weighting="uniform")
+OBJECTIVE = REGObjective(proj_coeff=0.5, cls_coeff=0.03)
 
 
 #################################################################################
 #                        The timed body: one training step                      #
 #################################################################################
 
-def step(model, batch):
-    """One training step of ``model`` on ``batch``; returns the loss (not synchronised).
+def step(state, batch):
+    """One training step: train.py's own ``train_step`` (REGObjective, the guarded foreach AdamW,
+    the EMA, and for routed models the step's route drawn from (seed, step) as in training)."""
+    return train_step(state, [batch], OBJECTIVE, prepare=lambda b: b)["loss"]
 
-    batch: latents (N, C, H, W), y (N,), cls (N, Z) clean class token, zs (N, [1+]T, Z) clean
-    alignment target, optimizer, amp dtype or None, route_generator (CPU torch.Generator)."""
-    route = None
-    if model.routing != "none":   # training draws a route every step, the same on every rank
-        route = model.draw_route(batch["y"].shape[0], batch["route_generator"])
-    with torch.autocast(batch["latents"].device.type, dtype=batch["amp"] or torch.float32,
-                        enabled=batch["amp"] is not None):
-        terms = LOSS(model, batch["latents"], model_kwargs=dict(y=batch["y"], route=route),
-                     zs=[batch["zs"]], cls_token=batch["cls"])
-        loss = terms.denoising_loss.mean() + 0.5 * terms.proj_loss + 0.03 * terms.denoising_loss_cls.mean()
-    opt = batch["optimizer"]
-    opt.zero_grad(set_to_none=True)
+
+def forward_backward(state, batch):
+    """The part of the step whose memory the options change: the loss forward and backward (the
+    optimizer's own temporaries, the same for every variant, would hide it at small sizes)."""
+    inputs = dict(batch)
+    route = state.route(0, batch["x"].shape[0])
+    if route is not None:
+        inputs["route"] = route
+    with state.autocast():
+        loss = OBJECTIVE(state.forward, **inputs)["loss"]
     loss.backward()
-    opt.step()
-    return loss.detach()
+    state.model.zero_grad(set_to_none=True)
 
 
 #################################################################################
@@ -101,7 +103,7 @@ def _status_kb(key):
 
 
 def build(args, name):
-    """(model, batch) of one variant, on args.device, in training mode."""
+    """(TrainState, batch) of one variant, on args.device, in training mode."""
     device = torch.device(args.device)
     options, ckpt = VARIANTS[name]
     latent = args.resolution // args.latent_down
@@ -113,19 +115,19 @@ def build(args, name):
     model.grad_checkpointing = ckpt
     if args.compile:
         model.compile_blocks()
-    from train import make_optimizer
-    opt = make_optimizer(model.parameters(), "auto", lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = GuardedAdamW(make_optimizer(model.parameters(), "foreach", lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=0.0))
+    state = TrainState(model, opt, ema=copy.deepcopy(model).requires_grad_(False), precision=args.precision,
+                       scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
     g = torch.Generator().manual_seed(0)
     n, tokens = args.batch_size, (latent // SIT_CONFIGS[args.model][3]) ** 2
     batch = dict(
-        latents=torch.randn(n, args.channels, latent, latent, generator=g).to(device),
+        x=torch.randn(n, args.channels, latent, latent, generator=g).to(device),
         y=torch.randint(0, 1000, (n,), generator=g).to(device),
-        cls=torch.randn(n, z, generator=g).to(device),
-        zs=torch.randn(n, 1 + tokens, z, generator=g).to(device),
-        optimizer=opt, amp=PRECISIONS[args.precision],
-        route_generator=torch.Generator().manual_seed(1),
+        cls_token=torch.randn(n, z, generator=g).to(device),
+        zs=[torch.randn(n, 1 + tokens, z, generator=g).to(device)],
     )
-    return model, batch
+    return state, batch
 
 
 def computed_activations(args, model) -> float:
@@ -157,14 +159,14 @@ def worker(args) -> dict:
         with open("/proc/self/clear_refs", "w") as f:   # 5: reset VmHWM (peak RSS) to the current RSS
             f.write("5")
         base = _status_kb("VmRSS") * 1024
-    step(model, batch)
+    forward_backward(model, batch)
     sync()
     if device.type == "cuda":
         peak, growth = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_allocated(device) - base
     else:
         peak = max(before, _status_kb("VmHWM") * 1024)
         growth = _status_kb("VmHWM") * 1024 - base
-    return dict(peak=peak, growth=growth, computed=computed_activations(args, model))
+    return dict(peak=peak, growth=growth, computed=computed_activations(args, model.model))
 
 
 def time_variants(args, names) -> dict:
@@ -254,7 +256,7 @@ def main(argv=None):
     mem = "peak RSS" if cpu else "CUDA peak alloc."
     clock = "CPU ms" if cpu else ""
     print(f"{'variant':10s} {'wall ms':>8s} {'min':>6s} {clock:>8s} {'speed-up':>9s} {mem:>16s} "
-          f"{'step peak growth':>17s} {'computed act.':>14s}")
+          f"{'fwd+bwd growth':>17s} {'computed act.':>14s}")
 
     def key(v):  # the figure the speed-up is computed from: CPU time on a CPU, wall time on CUDA
         return statistics.median(t[1] if cpu else t[0] for t in times[v])
