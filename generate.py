@@ -101,6 +101,27 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # NAME.npz's member timestamps: equal ru
 #                         Settings and in-process sampling                      #
 #################################################################################
 
+# One rule per numeric setting, shared by SampleSettings and the CLI (which says --num-steps for num_steps).
+SETTING_RULES = {
+    "num_steps": (lambda v: v >= 1, ">= 1"),
+    "cfg_scale": (lambda v: v >= 1.0, ">= 1 (1 = no guidance)"),
+    "cls_cfg_scale": (lambda v: v is None or v >= 0.0, ">= 0 (0 = class token unguided)"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "decode_batch_size": (lambda v: v >= 1, ">= 1"),
+    "num_classes": (lambda v: v is None or v >= 1, ">= 1"),
+}
+
+
+def setting_problems(values: dict, name=lambda key: key) -> list[str]:
+    """What is wrong with the sampler settings in ``values`` (those it holds), one phrase each."""
+    out = [f"{name(k)} must be {requirement}, got {values[k]}"
+           for k, (ok, requirement) in SETTING_RULES.items() if k in values and not ok(values[k])]
+    low, high = values.get("guidance_low"), values.get("guidance_high")
+    if low is not None and high is not None and not 0.0 <= low <= high <= 1.0:
+        out.append(f"need 0 <= {name('guidance_low')} <= {name('guidance_high')} <= 1, got {low}, {high}")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
     """Everything besides the model, the decoder and the image indices that decides the images.
@@ -124,21 +145,11 @@ class SampleSettings:
     decode_batch_size: int = DEFAULT_DECODE_BATCH
 
     def __post_init__(self):
-        problems = []
-        if self.mode not in SAMPLERS:
-            problems.append(f"mode {self.mode!r} is not one of {sorted(SAMPLERS)}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if self.path_type not in PATH_TYPES:
-            problems.append(f"path_type {self.path_type!r} is not one of {PATH_TYPES}")
-        if self.num_classes is not None and self.num_classes < 1:
-            problems.append(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.seed < 0:
-            problems.append(f"seed must be >= 0, got {self.seed}")
-        if self.decode_batch_size < 1:
-            problems.append(f"decode_batch_size must be >= 1, got {self.decode_batch_size}")
-        if self.cls_cfg_scale < 0:
-            problems.append(f"cls_cfg_scale must be >= 0, got {self.cls_cfg_scale}")
+        problems = setting_problems(dataclasses.asdict(self))
+        for name, value, choices in (("mode", self.mode, sorted(SAMPLERS)), ("precision", self.precision, PRECISIONS),
+                                     ("path_type", self.path_type, PATH_TYPES)):
+            if value not in choices:
+                problems.append(f"{name} {value!r} is not one of {choices}")
         if problems:
             raise ValueError("bad sample settings: " + "; ".join(problems))
 
@@ -403,20 +414,11 @@ def validate_args(parser: RankZeroParser, args) -> None:
             parser.error("--seed-scheme release draws its noise per batch, so it needs a fixed --per-proc-batch-size")
     elif args.per_proc_batch_size < 1:
         parser.error(f"--per-proc-batch-size must be >= 1, got {args.per_proc_batch_size}")
-    if args.decode_batch_size < 1:
-        parser.error(f"--decode-batch-size must be >= 1, got {args.decode_batch_size}")
-    if args.num_steps < 1:
-        parser.error(f"--num-steps must be >= 1, got {args.num_steps}")
-    if args.cfg_scale < 1.0:
-        parser.error(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
-    if args.cls_cfg_scale is not None and args.cls_cfg_scale < 0.0:
-        parser.error(f"--cls-cfg-scale must be >= 0 (0 = class token unguided), got {args.cls_cfg_scale}")
-    if not 0.0 <= args.guidance_low <= args.guidance_high <= 1.0:
-        parser.error(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {args.guidance_low}, {args.guidance_high}")
+    problems = setting_problems(vars(args), name=lambda key: "--" + key.replace("_", "-"))
+    if problems:
+        parser.error("; ".join(problems))
     if args.heun and args.mode == "sde":
         parser.error("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.shift_base is not None and args.shift_base < 1:
         parser.error(f"--shift-base must be >= 1, got {args.shift_base}")
     if args.cls_token_dim is not None and args.cls_token_dim < 0:

@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.common import add_runtime_args, setup, status_kb  # noqa: E402
+from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import sit_activation_bytes  # noqa: E402
 from loss import REGObjective  # noqa: E402
 from optim import GuardedAdamW, make_optimizer  # noqa: E402
@@ -63,7 +65,6 @@ VARIANTS = {  # name -> (model options, grad checkpointing)
     "all": (SPEEDRUN, False),
     "all+ckpt": (SPEEDRUN, True),
 }
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OBJECTIVE = REGObjective(proj_coeff=0.5, cls_coeff=0.03)
 
 
@@ -93,14 +94,6 @@ def forward_backward(state, batch):
 #################################################################################
 #                                    Worker                                     #
 #################################################################################
-
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(key)
-
 
 def build(args, name):
     """(TrainState, batch) of one variant, on args.device, in training mode."""
@@ -155,17 +148,17 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        before = _status_kb("VmHWM") * 1024               # this process's peak so far (warm-up)
+        before = status_kb("VmHWM") * 1024               # this process's peak so far (warm-up)
         with open("/proc/self/clear_refs", "w") as f:   # 5: reset VmHWM (peak RSS) to the current RSS
             f.write("5")
-        base = _status_kb("VmRSS") * 1024
+        base = status_kb("VmRSS") * 1024
     forward_backward(model, batch)
     sync()
     if device.type == "cuda":
         peak, growth = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = max(before, _status_kb("VmHWM") * 1024)
-        growth = _status_kb("VmHWM") * 1024 - base
+        peak = max(before, status_kb("VmHWM") * 1024)
+        growth = status_kb("VmHWM") * 1024 - base
     return dict(peak=peak, growth=growth, computed=computed_activations(args, model.model))
 
 
@@ -194,24 +187,15 @@ def time_variants(args, names) -> dict:
 #################################################################################
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Step time and memory of the SiT options, one process per variant.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="SiT-S/2", choices=list(SIT_CONFIGS))
-    p.add_argument("--resolution", type=int, default=128, help="image size")
+    p = common_parser("Step time and memory of the SiT options, one process per variant.", model="SiT-S/2")
     p.add_argument("--latent-down", type=int, default=8, help="latent downsampling (SD-VAE 8; 16x VAEs 16)")
     p.add_argument("--channels", type=int, default=4, help="latent channels")
-    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--enc-dim", type=int, default=768, help="encoder width (class token and alignment target)")
-    p.add_argument("--projector-dim", type=int, default=2048)
     p.add_argument("--encoder-depth", type=int, default=2,
                    help="projector tap; with routing it must lie in the dense head (SpeedrunDiT: 2)")
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    add_runtime_args(p, runs=7, warmup_help="untimed steps per variant (compilation happens here)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
-    p.add_argument("--runs", type=int, default=7, help="timed rounds (one step of every variant per round)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compilation happens here)")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -219,9 +203,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.device = str(setup(args, p))
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return

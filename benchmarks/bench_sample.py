@@ -21,7 +21,6 @@ median of --runs full sampling runs of one batch.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import platform
@@ -34,11 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchmarks.common import PRECISIONS, add_runtime_args, setup, sync  # noqa: E402
+from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import sit_macs  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
 from samplers import euler_maruyama_sampler, euler_sampler  # noqa: E402
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 #################################################################################
@@ -114,28 +114,18 @@ def build_models(args, z, device, release_mod):
 #################################################################################
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Benchmark sampling (project vs release-like).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="SiT-T/2", choices=list(SIT_CONFIGS))
-    p.add_argument("--batch-size", type=int, default=8, help="images per sampling call")
-    p.add_argument("--resolution", type=int, default=128, help="image size; latents are resolution/8 (256 for the paper)")
+    p = common_parser("Benchmark sampling (project vs release-like).", batch_help="images per sampling call")
     p.add_argument("--enc-dim", type=int, default=768, help="class-token / projector output width (DINOv2-B: 768)")
-    p.add_argument("--projector-dim", type=int, default=2048)
     p.add_argument("--num-steps", type=int, default=10, help="paper: 250 (SDE); the release's default: 50")
     p.add_argument("--heun", action="store_true", help="ODE: Heun instead of Euler")
     p.add_argument("--cfg-scale", type=float, default=2.3, help="paper: 2.3 (and cls-cfg 2.3)")
     p.add_argument("--guidance-high", type=float, default=0.85, help="upper end of the guidance interval (paper: 0.85)")
     p.add_argument("--modes", default="sde,ode")
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                   help="network precision (autocast); the sampler state stays float64")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile: the project's SiT blocks (as generate.py --compile), baselines whole")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed sampling runs per setting")
     p.add_argument("--release-ref", default=None, metavar="DIR",
                    help="folder with the release's repa_sit.py and ref_samplers.py: also time those")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_runtime_args(p, runs=3, warmup_help="untimed sampling runs per setting (the sampler state stays float64)")
     return p
 
 
@@ -152,13 +142,6 @@ def check_args(args, p):
     if args.release_ref and not all(os.path.isfile(os.path.join(args.release_ref, f))
                                     for f in ("repa_sit.py", "ref_samplers.py")):
         p.error(f"--release-ref {args.release_ref} must hold repa_sit.py and ref_samplers.py")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda asked for but torch sees no GPU")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_call(args, name, mode, guide, model, inputs, ref_samplers):
@@ -182,9 +165,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     check_args(args, p)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = setup(args, p)
     ref_samplers = release_mod = None
     if args.release_ref:
         sys.path.insert(0, os.path.abspath(args.release_ref))

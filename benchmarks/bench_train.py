@@ -38,6 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import loss as loss_module  # noqa: E402
+from benchmarks.common import PRECISIONS, add_runtime_args, peak_bytes, reset_peak, setup, sync  # noqa: E402
+from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from loss import REGObjective, SILoss  # noqa: E402
 from models.autoencoder import SD_VAE_SCALE  # noqa: E402
@@ -46,7 +48,6 @@ from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E
 from optim import GuardedAdamW, make_optimizer  # noqa: E402
 from train import Prepare, TrainState, train_step  # noqa: E402
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 #################################################################################
@@ -90,19 +91,13 @@ class ReleaseREPA(torch.nn.Module):
 #################################################################################
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Benchmark one training step (project vs release-like).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="SiT-T/2", choices=list(SIT_CONFIGS))
-    p.add_argument("--batch-size", type=int, default=8, help="per-device batch")
-    p.add_argument("--resolution", type=int, default=128, help="image size; latents are resolution/8 (256 for the paper)")
+    p = common_parser("Benchmark one training step (project vs release-like).", batch_help="per-device batch")
     p.add_argument("--encoder", default="random-vit-tiny",
                    help="encoder architecture (random weights): random-vit-tiny or a DINOv2 name built through timm")
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    add_runtime_args(p, runs=5, warmup_help="untimed steps per variant (compile happens here)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the SiT blocks and the encoder as train.py --compile (release-like: the whole model)")
-    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--steps-per-run", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compile happens here)")
     p.add_argument("--variants", default="project,project+fused,release-like,release-like+plain",
                    help="comma-separated subset")
     p.add_argument("--modes", default="cached,online", help="cached features, encoder online, or both")
@@ -110,10 +105,7 @@ def build_parser():
                    help="folder with the release's repa_sit.py: also time the release's own model")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="build all variants, then time them round-robin (default: on for CPU, off for CUDA)")
-    p.add_argument("--projector-dim", type=int, default=2048, help="REPA projector width (release: 2048)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table in flops.py)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p
 
 
@@ -140,8 +132,6 @@ def check_args(args, p):
         p.error("--modes must be a comma-separated subset of cached,online")
     if args.release_ref and not os.path.isfile(os.path.join(args.release_ref, "repa_sit.py")):
         p.error(f"--release-ref {args.release_ref} holds no repa_sit.py")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda asked for but torch sees no GPU")
 
 
 def make_encoder(name, resolution, device):
@@ -171,40 +161,6 @@ def make_batch(args, z, device, with_images):
 #################################################################################
 #                                    Timing                                     #
 #################################################################################
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device):
-    """Start a peak-memory window: CUDA allocator peak, or the process's peak RSS (Linux)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:  # writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmRSS") * 1024
-    except OSError:
-        return None
-
-
-def peak_bytes(device, base):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if base is None:
-        return None
-    return _status_kb("VmHWM") * 1024 - base  # growth of the peak RSS over the window
-
-
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(key)
-
 
 def build_variant(args, variant, mode, device, encoder_proto, release_mod):
     """A fresh model/optimizer/EMA for one variant; returns (step function, info dict).
@@ -347,9 +303,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     check_args(args, p)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = setup(args, p)
     if args.precision == "fp32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # the release allows TF32
         torch.backends.cudnn.allow_tf32 = True

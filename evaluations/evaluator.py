@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evaluations import inception, metrics  # noqa: E402
+from runtime import resolve_device  # noqa: E402
 from fileio import atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 64  # ADM's default; results do not depend on it
@@ -540,13 +541,10 @@ def main(argv=None) -> dict:
         setattr(args, flag, given[0])
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = args.device or default_device()
     try:
-        device = torch.device(device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device (try cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available; use --device cpu")
+        device = resolve_device(args.device, local_rank=0, world_size=1)
+    except ValueError as e:
+        parser.error(str(e))
     fid_method = args.fid_method or default_fid_method()
     if fid_method not in FID_METHODS:
         parser.error(f"${FID_METHOD_ENV}={fid_method!r} is not one of {', '.join(FID_METHODS)}")
@@ -558,16 +556,9 @@ def main(argv=None) -> dict:
 
     details: dict = {}
     try:
-        result = evaluate(
-            args.ref_batch,
-            args.sample_batch,
-            inception_weights=args.inception_weights,
-            batch_size=args.batch_size,
-            device=device,
-            use_cache=not args.no_cache,
-            fid_method=fid_method,
-            details=details,
-        )
+        result = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
+                          batch_size=args.batch_size, device=device, use_cache=not args.no_cache,
+                          fid_method=fid_method, details=details)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
 

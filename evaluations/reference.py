@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evaluations import evaluator, inception, metrics  # noqa: E402
+from runtime import resolve_device  # noqa: E402
 from fileio import atomic_open, atomic_save_npz, file_sha256  # noqa: E402
 from preprocessing.transforms import center_crop_dhariwal  # noqa: E402
 
@@ -278,22 +279,14 @@ def main(argv=None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device (try cpu or cuda)")
+        device = resolve_device(args.device, local_rank=0, world_size=1)
+    except ValueError as e:
+        parser.error(str(e))
     try:
-        out = build_reference_batch(
-            args.source,
-            args.out,
-            num_images=args.num_images,
-            resolution=args.resolution,
-            seed=args.seed,
-            with_stats=not args.no_stats,
-            stats_from=args.stats_from,
-            inception_weights=args.inception_weights,
-            batch_size=args.batch_size,
-            device=device,
-        )
+        out = build_reference_batch(args.source, args.out, num_images=args.num_images, resolution=args.resolution,
+                                    seed=args.seed, with_stats=not args.no_stats, stats_from=args.stats_from,
+                                    inception_weights=args.inception_weights, batch_size=args.batch_size,
+                                    device=device)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     print(f"wrote {out}", file=sys.stderr)

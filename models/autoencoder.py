@@ -540,34 +540,16 @@ class Autoencoder:
                              "a Hugging Face id, a local path, 'identity', 'pca:FILE' or 'random-tiny'")
         return cls(_codec_class(spec).build(spec), device=device, dtype=dtype)
 
-    @property
-    def spec(self) -> str:
-        return self.codec.spec
+    # The codec's facts, read through: spec, latent_channels, downsample, scale, bias; and its
+    # diffusers AutoencoderKL (vae) or patch PCA (pca), None for codecs without one.
+    _CODEC_FACTS = ("spec", "latent_channels", "downsample", "scale", "bias")
 
-    @property
-    def latent_channels(self) -> int:
-        return self.codec.latent_channels
-
-    @property
-    def downsample(self) -> int:
-        return self.codec.downsample
-
-    @property
-    def scale(self) -> float:
-        return self.codec.scale
-
-    @property
-    def bias(self) -> float:
-        return self.codec.bias
-
-    @property
-    def vae(self):
-        """The diffusers AutoencoderKL, or None (identity, pca)."""
-        return getattr(self.codec, "vae", None)
-
-    @property
-    def pca(self):
-        return getattr(self.codec, "pca", None)
+    def __getattr__(self, name):
+        if name in Autoencoder._CODEC_FACTS:
+            return getattr(self.codec, name)
+        if name in ("vae", "pca"):
+            return getattr(self.codec, name, None)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def identity(self) -> dict:

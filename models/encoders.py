@@ -250,6 +250,11 @@ class Encoder(nn.Module):
     global_token: ClassVar[str] = "class-token"      # after the final norm; or "mean-of-patches"
     pos_embed_rule: ClassVar[str] = "bicubic resample (antialiased) to the patch grid when it differs"
     publisher: ClassVar[str] = ""
+    # The published checkpoint's layout, as data: the containers holding the state dict (first
+    # found, repeatedly), key prefixes to strip, key prefixes to drop (heads, decoders).
+    weights_containers: ClassVar[tuple] = ("model", "state_dict")
+    weights_prefixes: ClassVar[tuple] = ()
+    weights_drop: ClassVar[tuple] = ()
 
     def __new__(cls, name=None, *args, **kwargs):
         if cls is Encoder:                       # Encoder(name, ...) builds the family's class
@@ -294,8 +299,10 @@ class Encoder(nn.Module):
 
     @classmethod
     def to_timm(cls, raw, spec: EncoderSpec, model: nn.Module) -> dict:
-        """A published checkpoint (as loaded) -> timm state dict. Default: keys already timm's."""
-        return _unwrap(raw, ("model", "state_dict"))
+        """A published checkpoint (as loaded) -> timm state dict, by the layout data above; families
+        whose key names differ from timm's extend it."""
+        sd = _strip(_unwrap(raw, cls.weights_containers), cls.weights_prefixes)
+        return {k: v for k, v in sd.items() if not k.startswith(cls.weights_drop)} if cls.weights_drop else sd
 
     # ------------------------------------------------------------ forward
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -382,13 +389,15 @@ class DINOv2(Encoder):
             return out["x_norm_clstoken"], out["x_norm_patchtokens"]
         return super().features(x)
 
+    weights_containers = ("model", "state_dict", "teacher")
+    weights_prefixes = ("module.", "backbone.")
+    weights_drop = ("head.", "dino_head.", "ibot_head.")
+
     @classmethod
     def to_timm(cls, raw, spec, model):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        sd = _unwrap(raw, ("model", "state_dict", "teacher"))
-        sd = {k: v for k, v in _strip(sd, ("module.", "backbone.")).items() if not k.startswith(("head.", "dino_head.", "ibot_head."))}
-        return checkpoint_filter_fn(sd, model)          # official -> timm names, bicubic resample
+        return checkpoint_filter_fn(super().to_timm(raw, spec, model), model)  # official -> timm names, resample
 
 
 class RandomViT(DINOv2):
@@ -414,12 +423,9 @@ class DINOv1(Encoder):
     preprocessing = IMAGENET_NO_RESIZE
     env_var = "REG_DINOV1_WEIGHTS"
     publisher = "facebookresearch/dino"
-
-    @classmethod
-    def to_timm(cls, raw, spec, model):
-        sd = _unwrap(raw, ("teacher", "model", "state_dict"))         # full training checkpoints hold 'teacher'
-        sd = _strip(sd, ("module.", "backbone."))
-        return {k: v for k, v in sd.items() if not k.startswith("head.")}
+    weights_containers = ("teacher", "model", "state_dict")      # full training checkpoints hold 'teacher'
+    weights_prefixes = ("module.", "backbone.")
+    weights_drop = ("head.",)
 
 
 class MoCoV3(Encoder):
@@ -457,11 +463,7 @@ class MAE(Encoder):
     env_var = "REG_MAE_WEIGHTS"
     patch_tokens = "last-block"
     publisher = "facebookresearch/mae"
-
-    @classmethod
-    def to_timm(cls, raw, spec, model):
-        sd = _unwrap(raw, ("model", "state_dict"))
-        return {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", "head."))}
+    weights_drop = ("decoder", "mask_token", "head.")
 
 
 class JEPA(Encoder):
@@ -472,11 +474,8 @@ class JEPA(Encoder):
     env_var = "REG_JEPA_WEIGHTS"
     global_token = "mean-of-patches"
     publisher = "facebookresearch/ijepa"
-
-    @classmethod
-    def to_timm(cls, raw, spec, model):
-        sd = _unwrap(raw, ("encoder",))               # the context encoder, as REPA loads it
-        return _strip(sd, ("module.",))
+    weights_containers = ("encoder",)                 # the context encoder, as REPA loads it
+    weights_prefixes = ("module.",)
 
 
 class CLIP(Encoder):

@@ -154,19 +154,18 @@ def open_step(dest: str, kind: str, params: dict, write: bool = True) -> str:
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise ValueError(f"--dest {dest} exists and is not a folder")
     if os.path.isdir(dest):
-        manifest_path, partial_path = os.path.join(dest, MANIFEST), os.path.join(dest, PARTIAL)
-        if os.path.isfile(manifest_path):
-            manifest = read_json(manifest_path)
-            if manifest.get("kind") == kind and manifest.get("params") == params:
-                return "complete"
-            raise ValueError(f"--dest {dest} already holds a finished {manifest.get('kind')} step made with other "
-                             f"settings{_diff(manifest.get('params'), params)}; choose another --dest")
-        if os.path.isfile(partial_path):
-            marker = read_json(partial_path)
-            if marker.get("kind") == kind and marker.get("params") == params:
-                return "resume"
-            raise ValueError(f"--dest {dest} holds an unfinished step started with other settings"
-                             f"{_diff(marker.get('params'), params)}; rerun with those settings or use an empty --dest")
+        # a finished step (its manifest) or an unfinished one (its marker): ours if made alike
+        for name, status in ((MANIFEST, "complete"), (PARTIAL, "resume")):
+            path = os.path.join(dest, name)
+            if not os.path.isfile(path):
+                continue
+            found = read_json(path)
+            if found.get("kind") == kind and found.get("params") == params:
+                return status
+            what = (f"already holds a finished {found.get('kind')} step made with other settings" if status == "complete"
+                    else "holds an unfinished step started with other settings")
+            fix = "choose another --dest" if status == "complete" else "rerun with those settings or use an empty --dest"
+            raise ValueError(f"--dest {dest} {what}{_diff(found.get('params'), params)}; {fix}")
         if os.listdir(dest):
             raise ValueError(f"--dest {dest} is not empty; give a new or empty folder")
     if write:

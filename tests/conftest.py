@@ -126,3 +126,16 @@ def train_args(data_dir, out, name, steps, **extra):
             del args[i:i + 2]
         args += [flag] + ([] if v is None else [str(v)])
     return args
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps process-wide singletons; reset them around an in-process train.main()."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    reset()
+    yield
+    reset()

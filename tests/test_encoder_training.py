@@ -18,14 +18,7 @@ from test_encoder_families import _tiny, narrow, write_published  # noqa: F401 -
 FAMILIES = ["mocov3-vit-b", "clip-vit-L", "dinov1-vit-b", "mae-vit-l", "jepa-vit-h", "dinov2-vit-s"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.mark.parametrize("name", [FAMILIES[0]] + [pytest.param(n, marks=pytest.mark.slow) for n in FAMILIES[1:]])

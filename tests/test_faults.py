@@ -24,17 +24,7 @@ from checkpoint import CheckpointError, checkpoint_paths
 from conftest import ROOT, train_args
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; reset them around every in-process run."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    reset()
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def steps_logged(exp):

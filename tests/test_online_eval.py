@@ -16,14 +16,8 @@ from conftest import ROOT, train_args
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state(monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
+def fresh_accelerate_state(fresh_accelerate, monkeypatch):
     monkeypatch.setenv("REG_FID_METHOD", "lowrank")     # exact small-batch FID, fast on a CPU
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

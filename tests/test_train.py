@@ -23,17 +23,7 @@ def data_dir(digits_data):
     return digits_data
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; reset them around every in-process run."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    reset()
-    yield
-    reset()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def base_args(data_dir, out, name, steps, **extra):
