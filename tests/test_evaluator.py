@@ -375,6 +375,7 @@ def test_cli_argument_errors(files, capsys):
     assert "not a torch device" in _cli_error(capsys, base + ["--device", "gpu0"])
 
 
+@pytest.mark.slow
 def test_script_runs_from_repo_root_without_install(files, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in (inception.WEIGHTS_ENV, "PYTHONPATH")}
     proc = subprocess.run(

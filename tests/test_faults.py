@@ -290,20 +290,26 @@ def test_a_dying_rank_ends_the_job_within_seconds_and_a_rerun_resumes(digits_dat
 #                 Damaged dataset files: named, repaired by a rerun, skippable  #
 #################################################################################
 
-def fresh_digits(digits_data, root):
-    """A private copy of the tiny dataset made from the same raw digits (these tests damage files)."""
+@pytest.fixture(scope="module")
+def private_digits(digits_data, tmp_path_factory):
+    """A private copy of the tiny dataset made from the same raw digits: these tests damage its files,
+    and each repairs what it damaged by rerunning the step that wrote it (which is part of the test)."""
     from preprocessing import dataset_tools
+    root = tmp_path_factory.mktemp("private")
     data, run = root / "data", dataset_tools.main
-    run(["convert", "--source", str(digits_data.parent / "raw"), "--dest", str(data / "images"), "--resolution",
-         "32x32", "--transform", "center-crop", "--max-images", "40", "--workers", "0"])
+    steps = {
+        "convert": ["convert", "--source", str(digits_data.parent / "raw"), "--dest", str(data / "images"),
+                    "--resolution", "32x32", "--transform", "center-crop", "--max-images", "40", "--workers", "0"],
+        "encode": ["encode", "--source", str(data / "images"), "--dest", str(data / "vae-latents"),
+                   "--model-url", f"pca:{data / 'pca.pt'}", "--workers", "0"],
+        "cache-features": ["cache-features", "--source", str(data / "images"), "--enc-type", "random-vit-tiny",
+                           "--kind", "full", "--workers", "0", "--chunk-size", "16"],
+    }
+    run(steps["convert"])
     run(["fit-pca", "--source", str(data / "images"), "--dest", str(data / "pca.pt")])
-    encode = ["encode", "--source", str(data / "images"), "--dest", str(data / "vae-latents"),
-              "--model-url", f"pca:{data / 'pca.pt'}", "--workers", "0"]
-    cache = ["cache-features", "--source", str(data / "images"), "--enc-type", "random-vit-tiny", "--kind", "full",
-             "--workers", "0", "--chunk-size", "16"]
-    run(encode)
-    run(cache)
-    return data, encode, cache
+    run(steps["encode"])
+    run(steps["cache-features"])
+    return data, steps
 
 
 def _truncate(path):
@@ -314,45 +320,52 @@ def _truncate(path):
 @pytest.mark.parametrize("what", [pytest.param("latent", marks=pytest.mark.slow),
                                   pytest.param("image", marks=pytest.mark.slow), "features"])
 def test_a_damaged_dataset_file_is_named_with_its_step_and_a_rerun_of_that_step_repairs_it(
-        digits_data, tmp_path, what):
+        private_digits, tmp_path, what):
     from dataset import DataFileError
     from preprocessing import dataset_tools
-    data, encode, cache = fresh_digits(digits_data, tmp_path)
-    convert = ["convert", "--source", str(digits_data.parent / "raw"), "--dest", str(data / "images"),
-               "--resolution", "32x32", "--transform", "center-crop", "--max-images", "40", "--workers", "0"]
-    victim, step, rerun, extra = {
-        "latent": (data / "vae-latents/00000/img00000003.npy", "encode", encode, {}),
-        "image": (data / "images/00000/img00000003.png", "convert", convert, {"cached_features": "no"}),
-        "features": (data / "features-random-vit-tiny-full/chunk-000001.npy", "cache-features", cache, {}),
+    data, steps = private_digits
+    victim, step, extra = {
+        "latent": (data / "vae-latents/00000/img00000003.npy", "encode", {}),
+        "image": (data / "images/00000/img00000003.png", "convert", {"cached_features": "no"}),
+        "features": (data / "features-random-vit-tiny-full/chunk-000001.npy", "cache-features", {}),
     }[what]
+    good = victim.read_bytes()
     _truncate(victim)
     with pytest.raises(DataFileError) as e:
-        train.main(train_args(data, tmp_path, "run", 12, **extra))       # 12 steps of 8 cover every image
+        train.main(train_args(data, tmp_path, "run", 5, **extra))        # 5 steps of 8 cover every image
     message = str(e.value)
     assert str(victim) in message and f"written by the {step} step" in message and "rerun" in message
     assert "\n" not in message and "(while reading the data of step" in message
-    dataset_tools.main(rerun)                                            # detects and redoes just that file
-    assert os.path.getsize(victim) > 0
-    train.main(train_args(data, tmp_path, "after", 12, **extra))
-    assert [s for s, _ in checkpoint_paths(str(tmp_path / "after" / "checkpoints"))][-1] == 12
+    dataset_tools.main(steps[step])                                      # detects and redoes just that file
+    assert victim.read_bytes() == good
+    train.main(train_args(data, tmp_path, "after", 5, **extra))
+    assert [s for s, _ in checkpoint_paths(str(tmp_path / "after" / "checkpoints"))][-1] == 5
 
 
-def test_skip_bad_samples_replaces_a_damaged_sample_the_same_way_every_time(digits_data, tmp_path, capsys):
-    data, _, _ = fresh_digits(digits_data, tmp_path)
+def test_skip_bad_samples_replaces_a_damaged_sample_the_same_way_every_time(private_digits, tmp_path, capsys):
+    from preprocessing import dataset_tools
+    data, steps = private_digits
     _truncate(data / "vae-latents/00000/img00000003.npy")
-    for name in ("a", "b"):
-        train.main(train_args(data, tmp_path, name, 5, skip_bad_samples=None, checkpointing_steps=5))
+    try:
+        for name in ("a", "b"):
+            train.main(train_args(data, tmp_path, name, 5, skip_bad_samples=None, checkpointing_steps=5))
+    finally:
+        dataset_tools.main(steps["encode"])
     assert capsys.readouterr().err.count("skipping a damaged sample") == 2      # once per run
     assert same_weights(weights(tmp_path / "a/checkpoints/0000005.pt"), weights(tmp_path / "b/checkpoints/0000005.pt"))
 
 
 @pytest.mark.slow
-def test_the_training_script_prints_a_damaged_file_in_one_line(digits_data, tmp_path):
-    data, _, _ = fresh_digits(digits_data, tmp_path)
+def test_the_training_script_prints_a_damaged_file_in_one_line(private_digits, tmp_path):
+    from preprocessing import dataset_tools
+    data, steps = private_digits
     _truncate(data / "vae-latents/00000/img00000003.npy")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")]
-                         + train_args(data, tmp_path, "cli", 12, num_workers=1), env=ENV, capture_output=True,
-                         text=True, timeout=300)
+    try:
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")]
+                             + train_args(data, tmp_path, "cli", 5, num_workers=1), env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    finally:
+        dataset_tools.main(steps["encode"])
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "img00000003.npy is damaged" in last and "Traceback" not in out.stderr

@@ -202,6 +202,7 @@ def expected_release(model, num, n, world, seed=0, steps=4, cfg=2.0, cls_cfg=1.5
 #                                     Tests                                     #
 #################################################################################
 
+@pytest.mark.slow
 def test_per_image_seeding_is_independent_of_world_and_batch_size(ckpts, ddp, tmp_path):
     """torchrun x2 (batch 2) == one process (batch 3) == each image rebuilt alone from its own seed."""
     ddp, ddp_labels, ddp_meta = load(ddp[0], "per-image")
@@ -227,6 +228,7 @@ def test_per_image_seeding_is_independent_of_world_and_batch_size(ckpts, ddp, tm
     assert key["labels"] == "uniform" and key["precision"] == "fp32" and key["weights"] == "ema"
 
 
+@pytest.mark.slow
 def test_release_scheme_reproduces_the_release_draws(ckpts, ddp, capsys):
     """Release scheme on 2 ranks, 7 images from 2 x 2 x 2 = 8 sampled: matches the rebuilt release loop,
     and a folder made on 2 ranks refuses a 1-rank resume (its noise would differ)."""

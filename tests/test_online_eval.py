@@ -28,8 +28,8 @@ def fid_inputs(digits_data, tmp_path_factory):
     ref = root / "ref.npz"
     reference.main([str(digits_data / "images"), str(ref), "--num-images", "8", "--no-stats"])
     weights = save_random_weights(root / "inception-RANDOM.pth")
-    return ["--fid-ref", str(ref), "--fid-inception-weights", str(weights), "--fid-num-samples", "6",
-            "--fid-num-steps", "2", "--fid-batch-size", "4"]
+    return ["--fid-ref", str(ref), "--fid-inception-weights", str(weights), "--fid-num-samples", "5",
+            "--fid-num-steps", "1", "--fid-batch-size", "5"]
 
 
 def fid_args(data, out, name, steps, fid_inputs, **extra):
@@ -46,9 +46,9 @@ def test_fid_during_training_is_logged_named_by_k_and_leaves_training_untouched(
     logs = records(tmp_path / "fid")
     assert sorted(logs) == [2, 4]
     for step in (2, 4):
-        assert {"fid_6", "sfid_6", "inception_score_6", "precision_6", "recall_6"} <= logs[step].keys()
-        assert logs[step]["fid_6"] > 0 and logs[step]["eval_seconds"] > 0
-    assert logs[2]["fid_6"] != logs[4]["fid_6"]                      # the model changed, the images too
+        assert {"fid_5", "sfid_5", "inception_score_5", "precision_5", "recall_5"} <= logs[step].keys()
+        assert logs[step]["fid_5"] > 0 and logs[step]["eval_seconds"] > 0
+    assert logs[2]["fid_5"] != logs[4]["fid_5"]                      # the model changed, the images too
     train.main(train_args(digits_data, tmp_path, "plain", 4, checkpointing_steps=2, log_every=10))
     a = checkpoint.load_checkpoint(str(tmp_path / "fid/checkpoints/0000004.pt"))
     b = checkpoint.load_checkpoint(str(tmp_path / "plain/checkpoints/0000004.pt"))
@@ -62,7 +62,7 @@ def test_a_resumed_run_evaluates_to_the_same_numbers(digits_data, tmp_path, fid_
     train.main(fid_args(digits_data, tmp_path, "resumed", 2, fid_inputs))
     train.main(fid_args(digits_data, tmp_path, "resumed", 4, fid_inputs))      # resumes at step 2
     a, b = records(tmp_path / "straight")[4], records(tmp_path / "resumed")[4]
-    assert {k: v for k, v in a.items() if k.endswith("_6")} == {k: v for k, v in b.items() if k.endswith("_6")}
+    assert {k: v for k, v in a.items() if k.endswith("_5")} == {k: v for k, v in b.items() if k.endswith("_5")}
 
 
 def test_fid_needs_a_reference_batch(digits_data, tmp_path, capsys):
@@ -85,5 +85,5 @@ def test_two_processes_give_the_numbers_of_one(digits_data, tmp_path, fid_inputs
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     one, two = records(tmp_path / "one")[2], records(tmp_path / "two")[2]
-    scores = [k for k in one if k.endswith("_6")]
+    scores = [k for k in one if k.endswith("_5")]
     assert len(scores) == 5 and all(one[k] == pytest.approx(two[k], rel=1e-6) for k in scores), (one, two)

@@ -320,6 +320,7 @@ def test_encode_under_torchrun_env_single_process_gloo(images_dir, tmp_path, mon
                                   np.concatenate([x / np.float32(127.5) - 1, np.zeros_like(x, np.float32)]))
 
 
+@pytest.mark.slow
 def test_encode_two_ranks_split_the_work(images_dir, tmp_path):
     # A real 2-process launch (torchrun, gloo): forking a process that already runs OpenMP threads can hang.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
