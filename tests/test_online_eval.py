@@ -33,6 +33,8 @@ def fid_inputs(digits_data, tmp_path_factory):
 
 
 def fid_args(data, out, name, steps, fid_inputs, **extra):
+    # a short EMA, so that the evaluated model moves visibly between evaluations
+    extra = {"ema_decay": 0.5, **extra}
     return train_args(data, out, name, steps, fid_every=2, checkpointing_steps=2, log_every=10, **extra) + fid_inputs
 
 
@@ -49,7 +51,7 @@ def test_fid_during_training_is_logged_named_by_k_and_leaves_training_untouched(
         assert {"fid_5", "sfid_5", "inception_score_5", "precision_5", "recall_5"} <= logs[step].keys()
         assert logs[step]["fid_5"] > 0 and logs[step]["eval_seconds"] > 0
     assert logs[2]["fid_5"] != logs[4]["fid_5"]                      # the model changed, the images too
-    train.main(train_args(digits_data, tmp_path, "plain", 4, checkpointing_steps=2, log_every=10))
+    train.main(train_args(digits_data, tmp_path, "plain", 4, checkpointing_steps=2, log_every=10, ema_decay=0.5))
     a = checkpoint.load_checkpoint(str(tmp_path / "fid/checkpoints/0000004.pt"))
     b = checkpoint.load_checkpoint(str(tmp_path / "plain/checkpoints/0000004.pt"))
     for key in ("model", "ema"):
