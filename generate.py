@@ -975,7 +975,7 @@ def _run(parser: RankZeroParser, args, procs: Procs) -> str | None:
     model.to(device)
     if args.compile:
         model.compile_blocks()
-    n, world, rank, N = args.per_proc_batch_size, procs.world_size, procs.rank, args.num_fid_samples
+    world, rank, N = procs.world_size, procs.rank, args.num_fid_samples
 
     name = args.name or default_name(args, facts, spec, resolution, bool(cls_dim))
     folder = os.path.join(args.sample_dir, name)
@@ -1004,7 +1004,17 @@ def _run(parser: RankZeroParser, args, procs: Procs) -> str | None:
         print(f"sampling {remaining} of {N} images into {folder} on {world} process(es), "
               f"{args.mode} {args.num_steps} steps, cfg {args.cfg_scale:g}{shift_note}, seed scheme {args.seed_scheme}")
 
-    # ---- Sample ----
+    sample_shards(model, codec, settings, args, procs, batches, remaining, folder, release_noise)
+    procs.barrier()
+    return assemble(folder, final_json, npz_path, N, num_classes, resolution) if procs.is_main else None
+
+
+def sample_shards(model, codec, settings, args, procs, batches, remaining, folder, release_noise) -> None:
+    """This rank's batches -> shards. A batch that runs out of memory in the sampler is split and the
+    smaller size kept for the rest of the run (per-image seeding: the images are the same); the
+    decoder works in chunks and halves them on an out-of-memory error, never resampling."""
+    device, rank, world, N, n = procs.device, procs.rank, procs.world_size, args.num_fid_samples, args.per_proc_batch_size
+    release = release_noise is not None
     pbar = tqdm(total=remaining, unit="img", desc="sampling", disable=not procs.is_main, dynamic_ncols=True)
     queue = list(enumerate(batches))[::-1]                 # popped from the end, in order
     cap, decode_size, checked = n, args.decode_batch_size, False
@@ -1049,10 +1059,9 @@ def _run(parser: RankZeroParser, args, procs: Procs) -> str | None:
         pbar.update(min(int(keep.sum()) * world, pbar.total - pbar.n))
     pbar.close()
 
-    # ---- Assemble on rank 0 ----
-    procs.barrier()
-    if not procs.is_main:
-        return None
+
+def assemble(folder, final_json, npz_path, N, num_classes, resolution) -> str:
+    """Rank 0, once every shard is written: the .npz in index order and its sidecar JSON."""
     t0 = time.time()
     labels = assemble_npz(folder, N, npz_path)
     stored = read_json(os.path.join(folder, "config.json"))

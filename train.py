@@ -48,6 +48,13 @@ logger = logging.getLogger("train")
 def build_parser() -> argparse.ArgumentParser:
     p = cli.RankZeroParser(prog="train.py", description="Train SiT with REG / REPA.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_logging_args, _model_args, _options_args, _data_args, _runtime_args, _optimisation_args,
+                _loss_args, _grid_args, online_eval.add_args):
+        add(p)
+    return p
+
+
+def _logging_args(p) -> None:
     g = p.add_argument_group("logging and saving")
     g.add_argument("--output-dir", type=str, default="exps", help="root of all runs")
     g.add_argument("--exp-name", type=str, required=True, help="run folder: {output-dir}/{exp-name}; rerunning resumes it")
@@ -73,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MIN,
                    help="minutes ranks wait for each other at a collective before the job aborts")
 
+
+def _model_args(p) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2", help="SiT size/patch")
     g.add_argument("--num-classes", type=int, default=None, help="default: from the dataset")
@@ -85,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each SiT block's activations in the backward pass (less memory, ~1/3 more "
                         "compute; same gradients; not part of the architecture)")
 
+
+def _options_args(p) -> None:
     g = p.add_argument_group("beyond the release (off by default; see README, 'Beyond the release')")
     g.add_argument("--norm", choices=["layernorm", "rmsnorm"], default="layernorm",
                    help="RMSNorm in blocks, final layer, class-token embedding and QK-norm (SpeedrunDiT)")
@@ -103,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--path-drop", type=float, default=None,
                    help="SPRINT: fraction of steps whose whole sparse path is replaced by its mask token (default 0.05)")
 
+
+def _data_args(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, required=True, help="preprocessed dataset (see Data preparation)")
     g.add_argument("--resolution", type=int, default=256, help="image resolution; must match the data")
@@ -114,11 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a damaged sample by the next readable one (warned once; the same on every "
                         "process and rerun, so resume stays exact) instead of stopping with its file named")
 
+
+def _runtime_args(p) -> None:
     g = p.add_argument_group("precision, speed and device")
     cli.add_runtime_args(g, precision_default="fp16", tf32_default=False, train=True,
                          seed_help="seed; process k uses seed + k for t, noise and label dropout")
     g.add_argument("--compile", action="store_true", help="torch.compile the SiT blocks and the online encoder (numbers change slightly)")
 
+
+def _optimisation_args(p) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=1400, help="accepted for the release's command lines; training stops at --max-train-steps")
     g.add_argument("--max-train-steps", type=int, default=1_000_000, help="optimizer steps to train for (total, across resumes)")
@@ -139,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nonfinite-patience", type=int, default=200,
                    help="with --nonfinite skip: stop after this many consecutive skipped steps")
 
+
+def _loss_args(p) -> None:
     g = p.add_argument_group("loss")
     g.add_argument("--path-type", type=str, default="linear", choices=list(PATH_TYPES), help="interpolant")
     g.add_argument("--prediction", type=str, default="v", choices=list(PREDICTIONS), help="network target")
@@ -157,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shift-base", type=int, default=4096,
                    help="latent elements with no shift (4096 = SD-VAE latents at 256 px)")
 
+
+def _grid_args(p) -> None:
     g = p.add_argument_group("sample grids")
     g.add_argument("--sample-num-steps", type=int, default=50, help="ODE steps of the EMA sample grids")
     g.add_argument("--sample-cfg-scale", type=float, default=4.0, help="guidance of the EMA sample grids")
@@ -164,9 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", type=str, default=None,
                    help="decoder of the sample grids: ema or mse (SD-VAE), or a local autoencoder folder; default: "
                         "the EMA SD-VAE for SD-VAE latents (as released), else the codec the data was encoded with")
-    online_eval.add_args(p)
-    return p
-
 
 def check_args(args, parser):
     """Cheap checks before anything heavy starts; each failure is one clear line."""
