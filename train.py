@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -974,6 +975,26 @@ def feature_source(run) -> str:
     return "cached class tokens, patch tokens online" if run.online_encoders else "cached features"
 
 
+def tracker_resume(run) -> dict:
+    """Trackers continue the run from the resumed step: TensorBoard purges events past it, wandb keeps
+    one run id per experiment folder and rewinds it to the step (steps after it are dropped)."""
+    args, step = run.args, run.state.step
+    if args.report_to == "tensorboard":
+        return {"tensorboard": {"purge_step": step}}
+    if args.report_to != "wandb":
+        return {}
+    path = os.path.join(run.exp_dir, "wandb-run-id.txt")
+    existed = os.path.isfile(path)
+    if existed:
+        run_id = open(path).read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        atomic_write_bytes(path, run_id.encode())
+    if step > 0 and existed and os.environ.get("WANDB_MODE") != "offline":
+        return {"wandb": {"name": args.exp_name, "resume_from": f"{run_id}?_step={step}"}}
+    return {"wandb": {"id": run_id, "name": args.exp_name, "resume": "allow"}}
+
+
 def start_logging(run) -> None:
     args, acc, model = run.args, run.accelerator, run.state.model
     if not acc.is_main_process:
@@ -984,8 +1005,7 @@ def start_logging(run) -> None:
                 f"({feature_source(run)}); {run.world} process(es), "
                 f"{run.local_batch} per micro-batch")
     config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
-    kwargs = {"tensorboard": {"purge_step": run.state.step}} if args.report_to == "tensorboard" else {}
-    acc.init_trackers("REG", config=config, init_kwargs=kwargs)
+    acc.init_trackers("REG", config=config, init_kwargs=tracker_resume(run))
     with atomic_open(os.path.join(run.exp_dir, "args.json")) as f:
         f.write(json.dumps(vars(args), indent=2).encode())
 

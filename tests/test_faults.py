@@ -369,3 +369,20 @@ def test_the_training_script_prints_a_damaged_file_in_one_line(private_digits, t
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "img00000003.npy is damaged" in last and "Traceback" not in out.stderr
+
+
+def test_trackers_continue_from_the_resumed_step(tmp_path, monkeypatch):
+    """TensorBoard purges events past the resumed step; wandb keeps one run id per folder and is rewound to
+    the step (offline, where rewinding needs the server, it resumes the same id)."""
+    import argparse
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = argparse.Namespace(args=argparse.Namespace(report_to="tensorboard", exp_name="e"), exp_dir=str(tmp_path),
+                             state=argparse.Namespace(step=7))
+    assert train.tracker_resume(run) == {"tensorboard": {"purge_step": 7}}
+    run.args.report_to, run.state.step = "wandb", 0
+    first = train.tracker_resume(run)["wandb"]
+    assert first["resume"] == "allow" and first["id"] == (tmp_path / "wandb-run-id.txt").read_text()
+    run.state.step = 5
+    assert train.tracker_resume(run) == {"wandb": {"name": "e", "resume_from": f"{first['id']}?_step=5"}}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert train.tracker_resume(run)["wandb"]["id"] == first["id"]
