@@ -2,6 +2,9 @@
 
     python demo/ablation.py [--out ablation_out] [--seeds 0,1] [--steps 400] [--jobs 2] ...
 
+(Measured on the shared 2-core machine: 28 minutes for the default 2 seeds at load average ~3; a
+third seed, ``--seeds 0,1,2`` afterwards, added 10 minutes at load ~1.5. README: "SiT vs REPA vs REG".)
+
 1. a semantic encoder: ``dinov2-vit-tiny`` trained self-supervised on the digits (demo/train_encoder.py),
    written in the official DINOv2 layout;
 2. the data, as the built-in run makes it (make_digits, convert, fit-pca, encode) and the encoder's
