@@ -13,8 +13,9 @@ The metric is pluggable: ``adm`` (ADM's five numbers on Inception features) or `
 built-in digits dataset's Frechet distance on a digit classifier's features, evaluations/digits.py).
 Anything with ``activations(images) -> dict of arrays`` and ``metrics_from_activations(list) ->
 dict`` fits; a metric with ``wants_labels = True`` gets ``activations(images, labels)``, the labels
-the images were sampled for (the digits metric's accuracy). Names carry K (``fid_10k``): an FID of 10K samples is not comparable with the paper's
-50K-sample FID (it is biased upwards by a few tenths at that size).
+the images were sampled for (the digits metric's accuracy). Names carry K (``fid_10k``): an FID of
+10K samples is not comparable with the paper's 50K-sample FID (it is biased upwards by a few tenths
+at that size).
 """
 from __future__ import annotations
 
