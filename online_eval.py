@@ -12,8 +12,10 @@ touch the training trajectory: no RNG state changes, the weights are only read.
 The metric is pluggable: ``adm`` (ADM's five numbers on Inception features) or ``digits`` (the
 built-in digits dataset's Frechet distance on a digit classifier's features, evaluations/digits.py).
 Anything with ``activations(images) -> dict of arrays`` and ``metrics_from_activations(list) ->
-dict`` fits. Names carry K (``fid_10k``): an FID of 10K samples is not comparable with the paper's
-50K-sample FID (it is biased upwards by a few tenths at that size).
+dict`` fits; a metric with ``wants_labels = True`` gets ``activations(images, labels)``, the labels
+the images were sampled for (the digits metric's accuracy). Names carry K (``fid_10k``): an FID of
+10K samples is not comparable with the paper's 50K-sample FID (it is biased upwards by a few tenths
+at that size).
 """
 from __future__ import annotations
 
@@ -104,13 +106,17 @@ class OnlineEvaluation:
         devices = [run.device] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             model = self._sampling_model()
-            images = []
+            images, labels = [], []
             for start in range(0, len(self.indices), run.args.fid_batch_size):
                 idx = self.indices[start:start + run.args.fid_batch_size]
-                batch, _ = sample_batch(model, self.codec, idx, self.settings, run.device)
+                batch, batch_labels = sample_batch(model, self.codec, idx, self.settings, run.device)
                 images.append(batch)
+                labels.append(batch_labels)
             images = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
-            acts = self.metric.activations(images)
+            if getattr(self.metric, "wants_labels", False):       # e.g. the digits metric's accuracy
+                acts = self.metric.activations(images, np.concatenate(labels) if labels else np.zeros(0, np.int64))
+            else:
+                acts = self.metric.activations(images)
             if model is not run.state.ema:
                 del model
         gathered = gather_objects(run.accelerator, acts)
