@@ -393,7 +393,7 @@ def write_table(result: dict, path: str) -> str:
              "| ---: | " + " | ".join("---:" for _ in methods) + " |"]
     for s in steps:
         lines.append(f"| {s} | " + " | ".join(fmt(result["summary"]["fd"][m][s], 1) for m in methods) + " |")
-    lines += ["", f"Digit accuracy of the same samples (read by the built-in run's classifier; chance 10%):", "",
+    lines += ["", "Digit accuracy of the same samples (read by the built-in run's classifier; chance 10%):", "",
               "| step | " + " | ".join(f"{m} accuracy" for m in methods) + " |",
               "| ---: | " + " | ".join("---:" for _ in methods) + " |"]
     for s in steps:

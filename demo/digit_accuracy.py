@@ -10,15 +10,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from evaluations.digits import to_digits_format  # noqa: E402
 from fileio import atomic_write_json  # noqa: E402
-
-
-def to_digits_format(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> (N, 64) grey 8x8 on the 0..16 scale of sklearn's digits (box average)."""
-    grey = images.astype(np.float64).mean(axis=-1)                      # (N, H, W)
-    n, h, w = grey.shape
-    small = grey.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))      # (N, 8, 8)
-    return (small / 255.0 * 16.0).reshape(n, 64)
 
 
 def class_grid(images, labels, per_class=10):

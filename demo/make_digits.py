@@ -3,9 +3,12 @@ as an ImageNet-style folder: OUT/<digit>/<index>.png, upsampled (bicubic) to --s
 white digit on black, RGB. Used by demo.sh as a small, real, labelled dataset."""
 import argparse
 import os
+import sys
 
-import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from evaluations.digits import render_digits  # noqa: E402
 
 
 def main(argv=None):
@@ -20,11 +23,10 @@ def main(argv=None):
     if os.path.exists(done):
         print(f"{args.out}: already written")
         return
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (img, label) in enumerate(zip(render_digits(digits.images, args.size), digits.target)):
         folder = os.path.join(args.out, f"{label}")
         os.makedirs(folder, exist_ok=True)
-        gray = Image.fromarray((img / 16.0 * 255).astype(np.uint8)).resize((args.size, args.size), Image.BICUBIC)
-        gray.convert("RGB").save(os.path.join(folder, f"{i:04d}.png"))
+        Image.fromarray(img).save(os.path.join(folder, f"{i:04d}.png"))
     open(done, "w").close()
     print(f"{args.out}: {len(digits.images)} images in 10 classes at {args.size}x{args.size}")
 

@@ -28,7 +28,6 @@ on the gathered list in image order), so ``train.py --fid-every N --fid-metric d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -3,7 +3,6 @@
 for identical sets, growing with a controlled shift; the accuracy), FD logged during training with
 the sampled labels, and the ablation script (three runs, table and plot, a rerun resumes)."""
 import json
-import os
 
 import numpy as np
 import pytest
