@@ -1050,6 +1050,8 @@ def main(argv=None):
                 progress.set_postfix(loss=f"{logs['loss']:.4f}" if logs["loss"] is not None else "nan",
                                      img_s=f"{logs['images_per_sec']:.1f}")
                 check_nonfinite(run, logs)
+                if acc.is_main_process:
+                    run.checkpointer.raise_if_failed()       # a background save that failed stops the run now
             if step % args.checkpointing_steps == 0 or last:
                 save(run)
             if args.sampling_steps > 0 and (step % args.sampling_steps == 0 or last):
