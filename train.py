@@ -935,7 +935,8 @@ def write_grid(run, codec, grid_inputs) -> None:
     inputs = {k: (v.to(run.device) if v is not None else None) for k, v in grid_inputs.items()}
     cfg = args.sample_cfg_scale if args.cfg_prob > 0 else 1.0
     x = euler_sampler(ema, inputs["latents"], inputs["y"], num_steps=args.sample_num_steps, cfg_scale=cfg,
-                      path_type=args.path_type, cls_latents=inputs["cls_latents"], cls_cfg_scale=cfg)
+                      path_type=args.path_type, cls_latents=inputs["cls_latents"], cls_cfg_scale=cfg,
+                      time_shift=run.objective.loss.time_shift)     # the grid the model was trained on
     images = codec.to_uint8(codec.decode(x.float())).cpu().numpy()          # (N, H, W, 3)
     n = images.shape[0]
     cols = int(math.ceil(math.sqrt(n)))
