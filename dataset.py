@@ -198,7 +198,14 @@ class REGDataset(Dataset):
         self.data_dir = data_dir
         steps = self._scan_steps(data_dir)
 
-        # ---- latents: the item list and the labels
+        keys, latent_files = self._index_latents(data_dir, steps, latents_dir)
+        self._index_features(steps, use_features, enc_types, keys)
+        self._index_images(data_dir, steps, images_dir, load_images, keys, latent_files)
+        self._mmaps = {}
+
+    # ------------------------------------------------------------------ indexing
+    def _index_latents(self, data_dir, steps, latents_dir):
+        """The item list, labels and codec of the latents step; returns (keys, latent files)."""
         self.latents_dir, latent_manifest = self._find_latents(data_dir, steps, latents_dir)
         latent_labels = read_labels(self.latents_dir)
         if latent_labels is None:
@@ -246,7 +253,10 @@ class REGDataset(Dataset):
         if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
             raise ValueError(f"labels in {self.latents_dir} fall outside [0, {self.num_classes})")
 
-        # ---- features
+        return keys, latent_files
+
+    def _index_features(self, steps, use_features, enc_types, keys):
+        """The cached encoder features (if any) and each item's row in them."""
         self._features = []             # [(name, dir, manifest)] in enc_types order
         self.feature_kind = self._choose_features(steps, use_features, enc_types)
         self.enc_types = [name for name, _, _ in self._features]
@@ -264,7 +274,9 @@ class REGDataset(Dataset):
             self._feature_rows.append(np.array([row_of[k] for k in keys], dtype=np.int64))
             del manifest["keys"]        # a big list of str: do not carry it into every worker
 
-        # ---- images
+
+    def _index_images(self, data_dir, steps, images_dir, load_images, keys, latent_files):
+        """The image paired with each latent (by name), when images are loaded; the resolution."""
         self.load_images = (self.feature_kind != "full") if load_images is None else bool(load_images)
         self.images_dir = None
         self._image_files = None
@@ -290,7 +302,6 @@ class REGDataset(Dataset):
             if int(manifest["resolution"]) != self.resolution:
                 raise ValueError(f"features in {fdir} were computed at {manifest['resolution']} px but the "
                                  f"dataset is {self.resolution} px")
-        self._mmaps = {}
 
     # ------------------------------------------------------------------ discovery
     @staticmethod
