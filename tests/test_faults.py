@@ -228,6 +228,10 @@ if mode == "unreadable" and rank == 1:
     def unreadable(path, map_location="cpu"):
         raise ValueError(f"{path} is not a readable checkpoint (PytorchStreamReader failed)")
     checkpoint.load_checkpoint = unreadable
+if mode == "stale-listing" and rank == 1:
+    # a node-local or stale network-filesystem listing: this rank sees only the oldest checkpoint
+    real_paths = checkpoint.Checkpointer.paths
+    checkpoint.Checkpointer.paths = lambda self: real_paths(self)[:1]
 try:
     train.main(sys.argv[3:])
 except SystemExit as e:
@@ -249,6 +253,17 @@ def test_a_save_slower_than_the_collective_timeout_does_not_abort_the_job(digits
                                                     dist_timeout=0.05))
     assert out.returncode == 0, out.stderr[-3000:]
     assert [s for s, _ in checkpoint_paths(str(tmp_path / "slow/checkpoints"))] == [2, 4]
+
+
+@pytest.mark.slow
+def test_ranks_whose_folders_list_different_checkpoints_resume_from_rank_0s_choice(digits_data, tmp_path):
+    train.main(train_args(digits_data, tmp_path, "stale", 4, checkpointing_steps=2))       # checkpoints 2 and 4
+    out = _driver(tmp_path, "stale-listing", train_args(digits_data, tmp_path, "stale", 6, checkpointing_steps=2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0000004.pt (step 4)" in out.stderr                      # rank 0's choice; rank 1 saw only step 2
+    steps = steps_logged(tmp_path / "stale")
+    assert steps == sorted(set(steps)) and steps[-1] == 6           # one job, no replayed steps
+    assert [s for s, _ in checkpoint_paths(str(tmp_path / "stale/checkpoints"))] == [2, 4, 6]
 
 
 @pytest.mark.slow
