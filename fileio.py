@@ -6,9 +6,10 @@ are flushed to disk, get the permissions the user's umask gives any new file (mk
 private 0600 would hide checkpoints from colleagues on a shared cluster), and are renamed over
 the destination. A reader therefore sees the old file or the new one, never a part.
 
-Temporary files are named ``.tmp-<host>-<pid>-<random><suffix>``, so a run can find the ones
-that earlier, killed processes left behind (``remove_stale_temp_files``) without touching
-anything that is not ours.
+Temporary files are named ``.tmp-<host>-<pid>-<random>~<tag><ext>`` (tag: a short hash of the
+destination's name), so a run can find the ones that earlier, killed processes left behind
+(``remove_stale_temp_files``), in a shared folder only those of its own destinations, without
+touching anything that is not ours.
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def _own_prefix() -> str:
     return f"{TMP_PREFIX}{_host()}-{os.getpid()}-"
 
 
+def _temp_suffix(path) -> str:
+    """'~<8 hex of the destination's name><its extension>': which file a temp file was meant to become."""
+    name = os.path.basename(os.fspath(path))
+    return f"~{hashlib.sha256(name.encode()).hexdigest()[:8]}{os.path.splitext(name)[1]}"
+
+
 def default_file_mode() -> int:
     """0o666 & ~umask: what open() gives a new file (0o644 under the usual umask 022)."""
     try:
@@ -54,7 +61,7 @@ def atomic_open(path: str | os.PathLike, fsync: bool = True):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_own_prefix(), suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_own_prefix(), suffix=_temp_suffix(path))
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -119,20 +126,24 @@ def is_temp_file(name: str) -> bool:
     return _TMP_RE.match(os.path.basename(name)) is not None
 
 
-def remove_stale_temp_files(folder, recursive: bool = False) -> list[str]:
+def remove_stale_temp_files(folder, recursive: bool = False, targets=None) -> list[str]:
     """Delete temp files that processes other than this one left in ``folder`` (a kill -9 during a
     write leaves them). Call it once at the start of a job, before any rank writes there; only
-    files matching our own temp pattern are touched. Returns the removed paths."""
+    files matching our own temp pattern are touched, and with ``targets`` (destination paths in a
+    folder other jobs write too) only the temp files meant to become one of them. Returns the
+    removed paths."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
     own = _own_prefix()
+    ends = None if targets is None else tuple(_temp_suffix(t) for t in targets)
     removed = []
     walker = os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]
     for root, _, names in walker:
         for name in names:
             path = os.path.join(root, name)
-            if is_temp_file(name) and not name.startswith(own) and os.path.isfile(path):
+            if (is_temp_file(name) and not name.startswith(own) and (ends is None or name.endswith(ends))
+                    and os.path.isfile(path)):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
                     removed.append(path)

@@ -935,7 +935,9 @@ def _plan_on_main(args, procs, model, facts, spec, resolution, shift, folder, fi
     if error:
         return dict(error=error, complete=False)
     try:
-        for path in remove_stale_temp_files(folder):
+        stale = remove_stale_temp_files(folder) + remove_stale_temp_files(args.sample_dir,
+                                                                           targets=(npz_path, final_json))
+        for path in stale:
             _stderr(f"removed {path} (a temporary file of an earlier, killed run)")
         facts["sha256"] = file_sha256(args.ckpt)
         key = run_key(args, model, facts, spec, resolution, procs.world_size, shift)

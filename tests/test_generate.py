@@ -22,6 +22,7 @@ from conftest import ROOT, build_sit, randomize_weights_
 from checkpoint import model_from_checkpoint, load_checkpoint, save_checkpoint
 from samplers import euler_maruyama_sampler
 
+import fileio
 import generate
 from fileio import file_sha256
 
@@ -673,6 +674,11 @@ def test_damaged_shards_are_resampled_into_the_same_npz_bytes(ckpts, tmp_path, c
              indices=np.array([9]))                                                                     # wrong shape
     stale = folder / ".tmp-otherhost-4242-abcd.npz"                  # left by a killed run elsewhere
     stale.write_bytes(b"half a shard")
+    # beside run.npz, in a sample dir other runs share: a killed assembly of run.npz, and another run's write
+    half_npz = tmp_path / f".tmp-otherhost-4243-efgh{fileio._temp_suffix(tmp_path / 'run.npz')}"
+    other = tmp_path / f".tmp-otherhost-4244-ijkl{fileio._temp_suffix(tmp_path / 'other-run.npz')}"
+    half_npz.write_bytes(b"half an npz")
+    other.write_bytes(b"another run, still writing")
     capsys.readouterr()
     run(tmp_path, *argv)
     out, err = capsys.readouterr()
@@ -683,6 +689,8 @@ def test_damaged_shards_are_resampled_into_the_same_npz_bytes(ckpts, tmp_path, c
     assert any("img-0000006-0000009.npz" in w and "labels" in w for w in warnings)
     assert any("img-0000009-0000010.npz" in w and "(1, 8, 8, 3)" in w for w in warnings)
     assert f"removed {stale}" in err and not stale.exists()
+    assert f"removed {half_npz}" in err and not half_npz.exists()
+    assert other.exists()                                            # not this run's: left alone
     assert (tmp_path / "run.npz").read_bytes() == clean
 
 
