@@ -1107,13 +1107,9 @@ def check_nonfinite(run, logs: dict | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from dataset import DataFileError
     try:
         main()
-    except (FloatingPointError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except ValueError as e:   # a damaged data file (dataset.DataFileError): its one line, not a traceback
-        if type(e).__name__ != "DataFileError":
-            raise
+    except (FloatingPointError, CheckpointError, DataFileError) as e:   # one line, not a traceback
         print(f"error: {last_line(e)}", file=sys.stderr)
         sys.exit(1)

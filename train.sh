@@ -6,10 +6,16 @@
 #   NUM_NODES=4 NODE_RANK=$i MAIN_ADDR=host0 bash train.sh reg-xl2-4m    # multi-node: once per node
 # The full command is printed before it runs. Rerunning the same command resumes from the newest
 # checkpoint of $EXP_NAME. Ablations: CLS=0 trains plain REPA (no class token); CLS=0 PROJ_COEFF=0
-# plain SiT; EXTRA_ARGS="..." adds any train.py flag (it wins over the preset's).
+# plain SiT. With a preset, a recipe variable you set (MODEL ... MIXED_PRECISION) wins over the preset's
+# value, e.g. CLS=0 bash train.sh reg-b2-400k; EXTRA_ARGS="..." adds any train.py flag (it wins too).
 set -euo pipefail
 cd "$(dirname "$0")"
 
+RECIPE_VARS=(MODEL ENC_TYPE ENCODER_DEPTH PROJ_COEFF CLS BATCH_SIZE MAX_TRAIN_STEPS MIXED_PRECISION)
+declare -A GIVEN=()                         # recipe variables set by the user (before the defaults below)
+for v in "${RECIPE_VARS[@]}"; do
+    if [[ -n "${!v+x}" ]]; then GIVEN[$v]=1; fi
+done
 PRESET=${1:-${PRESET:-}}
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-SiT-XL/2}
@@ -41,14 +47,20 @@ if [[ $((NUM_GPUS * NUM_NODES)) -gt 1 ]]; then
     launch+=(--multi_gpu)
 fi
 
-args=(--model "$MODEL" --enc-type "$ENC_TYPE" --encoder-depth "$ENCODER_DEPTH" --proj-coeff "$PROJ_COEFF"
-      --cls "$CLS" --path-type linear --prediction v --weighting uniform --batch-size "$BATCH_SIZE"
-      --max-train-steps "$MAX_TRAIN_STEPS" --mixed-precision "$MIXED_PRECISION" --allow-tf32)
+declare -A FLAG=([MODEL]=--model [ENC_TYPE]=--enc-type [ENCODER_DEPTH]=--encoder-depth [PROJ_COEFF]=--proj-coeff
+                 [CLS]=--cls [BATCH_SIZE]=--batch-size [MAX_TRAIN_STEPS]=--max-train-steps
+                 [MIXED_PRECISION]=--mixed-precision)
+args=()
 if [[ -n "$PRESET" ]]; then
     mapfile -t preset < <("$PYTHON" presets.py train "$PRESET")
     [[ ${#preset[@]} -gt 0 ]] || exit 2     # presets.py said why
     args+=("${preset[@]}")
+else
+    args+=(--path-type linear --prediction v --weighting uniform --allow-tf32)
 fi
+for v in "${RECIPE_VARS[@]}"; do            # without a preset: all of them; with one: those you set
+    if [[ -z "$PRESET" || -n "${GIVEN[$v]:-}" ]]; then args+=("${FLAG[$v]}" "${!v}"); fi
+done
 args+=(--data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR" --exp-name "$EXP_NAME"
        --checkpointing-steps "$CHECKPOINTING_STEPS" --report-to "$REPORT_TO" --num-workers "$NUM_WORKERS")
 read -r -a extra <<< "$EXTRA_ARGS"

@@ -118,13 +118,7 @@ def read_metrics(path: str) -> dict:
 def encoder_done(argv: list) -> bool:
     """The encoder file exists and was trained with these settings (train_encoder.py's own check)."""
     from demo import train_encoder
-    a = train_encoder.build_parser().parse_args(argv)
-    try:
-        with open(a.out + ".json") as f:
-            report = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return os.path.isfile(a.out) and report.get("settings") == train_encoder.settings(a)
+    return train_encoder.trained_report(train_encoder.build_parser().parse_args(argv)) is not None
 
 
 def run_name(method: str, seed: int) -> str:

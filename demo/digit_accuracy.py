@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluations.digits import to_digits_format  # noqa: E402
+from evaluations.digits import fit_reader, load_digits_data, to_digits_format  # noqa: E402
 from fileio import atomic_write_json  # noqa: E402
 
 
@@ -29,11 +29,9 @@ def main(argv=None):
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-grid", required=True)
     args = p.parse_args(argv)
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    digits = load_digits()
-    clf = LogisticRegression(max_iter=5000).fit(digits.data, digits.target)
+    images8, digit_labels = load_digits_data()
+    real = images8.reshape(len(images8), 64)
+    clf = fit_reader(real, digit_labels)
     with np.load(args.samples) as f:
         if "arr_1" not in f:
             p.error(f"{args.samples} has no labels (arr_1); sample it with generate.py")
@@ -43,7 +41,7 @@ def main(argv=None):
     pred = clf.predict(to_digits_format(images))
     per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
     result = {"accuracy": float((pred == labels).mean()), "chance": 0.1, "per_class": per_class,
-              "num_samples": int(len(labels)), "classifier_train_accuracy": float(clf.score(digits.data, digits.target))}
+              "num_samples": int(len(labels)), "classifier_train_accuracy": float(clf.score(real, digit_labels))}
     atomic_write_json(args.out_json, result)
     Image.fromarray(class_grid(images, labels)).save(args.out_grid)
     print(f"digit accuracy of the samples: {result['accuracy']:.1%} (chance 10%); per class: "

@@ -212,19 +212,33 @@ def token_spread(feats: np.ndarray) -> dict:
             "mean_pairwise_cosine": float((unit @ unit.T).mean())}
 
 
+def trained_report(args) -> dict | None:
+    """The report of an encoder file already trained with these settings (and unchanged since), else None."""
+    from fileio import file_sha256, read_json
+    report_path = args.out + ".json"
+    if not (os.path.isfile(args.out) and os.path.isfile(report_path)):
+        return None
+    try:
+        report = read_json(report_path)
+    except (OSError, ValueError):
+        return None
+    if report.get("settings") == settings(args) and report.get("sha256") == file_sha256(args.out):
+        return report
+    return None
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from evaluations.digits import to_digits_format
-    from fileio import atomic_write_json, file_sha256, read_json
+    from fileio import atomic_write_json, file_sha256
     from models.encoders import build_encoder, random_encoder, save_official_layout
 
     report_path = args.out + ".json"
-    if os.path.isfile(args.out) and os.path.isfile(report_path):
-        report = read_json(report_path)
-        if report.get("settings") == settings(args) and report.get("sha256") == file_sha256(args.out):
-            print(f"{args.out}: already trained with these settings (k-NN {report['probe']['trained']:.1%} on "
-                  f"held-out digits; random {report['probe']['random']:.1%})")
-            return report
+    report = trained_report(args)
+    if report is not None:
+        print(f"{args.out}: already trained with these settings (k-NN {report['probe']['trained']:.1%} on "
+              f"held-out digits; random {report['probe']['random']:.1%})")
+        return report
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,8 +250,9 @@ def main(argv=None) -> dict:
         save_official_layout(encoder, args.out)
         # Score the file as every consumer reads it: through the DINOv2 loader.
         loaded = build_encoder(ENCODER, args.resolution, local_path=args.out)
-        spread = token_spread(class_tokens(loaded, images))
-        scores = {"trained": probe(loaded, images, labels, held_out),
+        tokens = class_tokens(loaded, images)
+        spread = token_spread(tokens)
+        scores = {"trained": knn_accuracy(tokens, labels, held_out),
                   "random": probe(random_encoder(ENCODER, args.resolution, seed=args.seed), images, labels, held_out),
                   "random_layer_scale_init": probe(initial_encoder(args), images, labels, held_out),
                   "random_vit_tiny": probe(random_encoder("random-vit-tiny", args.resolution), images, labels, held_out),

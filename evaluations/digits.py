@@ -147,7 +147,9 @@ class DigitsMetric:
     # ---- features ----
     @torch.no_grad()
     def features(self, images) -> np.ndarray:
-        x16 = to_digits_format(images)
+        return self._features(to_digits_format(images))
+
+    def _features(self, x16: np.ndarray) -> np.ndarray:
         return self.classifier.features(torch.as_tensor(x16, dtype=torch.float32)).numpy().astype(np.float64)
 
     def activations(self, images, labels=None) -> dict:
@@ -157,9 +159,10 @@ class DigitsMetric:
         if n == 0:
             return {"features": np.zeros((0, FEATURE_DIM)), "pred": np.zeros(0, np.int64),
                     "labels": np.zeros(0, np.int64), "size": np.zeros(0, np.int64)}
-        pred = self.reader.predict(to_digits_format(images)).astype(np.int64)
+        x16 = to_digits_format(images)
+        pred = self.reader.predict(x16).astype(np.int64)
         labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64).reshape(n)
-        return {"features": self.features(images), "pred": pred, "labels": labels,
+        return {"features": self._features(x16), "pred": pred, "labels": labels,
                 "size": np.full(n, images.shape[1], np.int64)}
 
     # ---- reference ----
