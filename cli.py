@@ -19,6 +19,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 _PRECISION_ALIASES = {"no": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
+def autocast_dtype(precision: str):
+    """The torch dtype of a --precision's autocast (None: fp32, no autocast)."""
+    import torch
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
 class RankZeroParser(argparse.ArgumentParser):
     """argparse whose usage errors are printed by rank 0 only (every rank exits with status 2),
     so a bad flag under torchrun gives one message, not one per process."""

@@ -76,24 +76,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from cli import PRECISIONS, RankZeroParser, add_runtime_args, set_tf32
+from cli import PRECISIONS, RankZeroParser, add_runtime_args, autocast_dtype, set_tf32
 from fileio import (atomic_open, atomic_save_npz, atomic_write_json, file_sha256, is_temp_file, read_json,
                     remove_stale_temp_files)
 from loss import PATH_TYPES, resolution_shift
-from models.autoencoder import Autoencoder, decoder_for
+from models.autoencoder import VAE_ALIASES, Autoencoder, decoder_for
 from models.sit import SIT_CONFIGS, SiT, SiT_models
 from runtime import Procs, one_line
 from samplers import GlobalNoise, PerSampleNoise, SAMPLERS, draw_plan, replay_draws, to_device
 
-# Latent codecs that are not the SD-VAE: --vae (an SD-VAE decoder) cannot stand in for them.
-SD_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SHARD_RE = re.compile(r"^(img-\d{7}-\d{7}|rank\d{3}-batch\d{6})\.npz$")
 SHARD_KEYS = ("images", "labels", "indices")
 AUTO_BATCH = {"cuda": 256, "cpu": 32}
 DEFAULT_DECODE_BATCH = 32
 DEFAULT_SHIFT_BASE = 4096          # SpeedrunDiT's: SD-VAE latents at 256 px, 4 x 32 x 32
 RELEASE_ENCODER_DEPTH = 8          # the release's --encoder-depth default (used by --legacy)
-AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # NAME.npz's member timestamps: equal runs give equal bytes
 
 
@@ -238,7 +235,7 @@ def sample_latents(model, indices, settings: SampleSettings, device=None, noise=
     z, y, cls = noise.inputs(len(indices), latent_shape, num_classes, cls_dim, device)
     if settings.class_balanced:
         y = to_device(torch.as_tensor(indices % num_classes), device)
-    dtype = AUTOCAST[settings.precision]
+    dtype = autocast_dtype(settings.precision)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         latents = SAMPLERS[settings.mode](model, z, y, cls_latents=cls, noise=noise, **settings.sampler_kwargs())
     return latents, y.cpu().numpy().astype(np.int64)
@@ -353,7 +350,7 @@ def build_parser() -> RankZeroParser:
                    help="torch SDPA attention (the release sampled without it; same maths)")
 
     g = p.add_argument_group("latent codec")
-    g.add_argument("--vae", choices=list(SD_VAES), default=None,
+    g.add_argument("--vae", choices=list(VAE_ALIASES), default=None,
                    help="SD-VAE decoder (stabilityai/sd-vae-ft-*; offline: REG_VAE_PATH points at a local copy); "
                         "default ema, or the checkpoint's own codec when it was not trained on SD-VAE latents")
     g.add_argument("--vae-path", default=None, help="local copy of the decoder (a diffusers AutoencoderKL folder)")
@@ -629,7 +626,7 @@ def vae_label(args, spec: str) -> str:
     """The decoder as the release's name spells it: ema / mse, else the codec's own name."""
     if args.vae is not None:
         return args.vae
-    for short, hf_id in SD_VAES.items():
+    for short, hf_id in VAE_ALIASES.items():
         if spec in (short, hf_id):
             return short
     return os.path.basename(spec.rstrip(os.sep).removeprefix("pca:")) or spec

@@ -253,7 +253,7 @@ class TrainState:
         self._ema_params = list(self.ema.parameters()) if self.ema is not None else None
 
     def autocast(self):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        dtype = cli.autocast_dtype(self.precision)
         device = self._params[0].device.type
         return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import add_runtime_args, setup, status_kb  # noqa: E402
+from benchmarks.common import add_runtime_args, peak_bytes, reset_peak, setup, status_kb, sync  # noqa: E402
 from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import sit_activation_bytes  # noqa: E402
 from loss import REGObjective  # noqa: E402
@@ -142,30 +142,19 @@ def worker(args) -> dict:
     model, batch = build(args, args.worker)
     for _ in range(args.warmup):
         step(model, batch)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        before = status_kb("VmHWM") * 1024               # this process's peak so far (warm-up)
-        with open("/proc/self/clear_refs", "w") as f:   # 5: reset VmHWM (peak RSS) to the current RSS
-            f.write("5")
-        base = status_kb("VmRSS") * 1024
+    sync(device)
+    before = None if device.type == "cuda" else status_kb("VmHWM") * 1024   # the CPU peak so far (warm-up)
+    base = reset_peak(device)
     forward_backward(model, batch)
-    sync()
-    if device.type == "cuda":
-        peak, growth = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = max(before, status_kb("VmHWM") * 1024)
-        growth = status_kb("VmHWM") * 1024 - base
+    sync(device)
+    top = peak_bytes(device, base)                     # CUDA: the allocator's peak; CPU: peak RSS growth
+    peak, growth = (top, top - base) if device.type == "cuda" else (max(before, base + top), top)
     return dict(peak=peak, growth=growth, computed=computed_activations(args, model.model))
 
 
 def time_variants(args, names) -> dict:
     """All variants in this process, stepped round-robin: {name: [seconds per step]}."""
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     built = {}
     for name in names:
         built[name] = build(args, name)
@@ -174,10 +163,10 @@ def time_variants(args, names) -> dict:
     times = {name: [] for name in names}
     for r in range(args.runs):
         for name in (names if r % 2 == 0 else names[::-1]):
-            sync()
+            sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             step(*built[name])
-            sync()
+            sync(device)
             times[name].append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from benchmarks.common import PRECISIONS, add_runtime_args, setup, sync  # noqa: E402
+from benchmarks.common import autocast_dtype, add_runtime_args, setup, sync  # noqa: E402
 from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import sit_macs  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
@@ -179,7 +179,7 @@ def main(argv=None):
     inputs = (torch.randn(args.batch_size, 4, h, h, generator=g).to(device),
               torch.randint(0, 1000, (args.batch_size,), generator=g).to(device),
               torch.randn(args.batch_size, z, generator=g).to(device))
-    amp_dtype = PRECISIONS[args.precision]
+    amp_dtype = autocast_dtype(args.precision)
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"device      {device} ({dev_name}); torch {torch.__version__}; CPU threads {torch.get_num_threads()}; "

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import loss as loss_module  # noqa: E402
-from benchmarks.common import PRECISIONS, add_runtime_args, peak_bytes, reset_peak, setup, sync  # noqa: E402
+from benchmarks.common import autocast_dtype, add_runtime_args, peak_bytes, reset_peak, setup, sync  # noqa: E402
 from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from loss import REGObjective, SILoss  # noqa: E402
@@ -168,7 +168,7 @@ def build_variant(args, variant, mode, device, encoder_proto, release_mod):
     The project's variants run train.py's own ``train_step`` with its TrainState, Prepare and
     REGObjective, built as train.py builds them; only the release-like baselines have a loop
     of their own (the release's, for comparison)."""
-    amp_dtype = PRECISIONS[args.precision]
+    amp_dtype = autocast_dtype(args.precision)
     release = variant.startswith("release")
     online = mode == "online"
     z = encoder_proto.embed_dim
@@ -321,7 +321,7 @@ def main(argv=None):
     if device.type == "cpu" and os.getloadavg()[0] > 0.5:
         print("warning     the machine is busy: CPU timings will be noisy (try --threads 1, more --runs)")
     print(f"model       {args.model} (depth {SIT_CONFIGS[args.model][0]}, width {SIT_CONFIGS[args.model][1]}, {SIT_CONFIGS[args.model][2]} heads, patch {SIT_CONFIGS[args.model][3]}) at {args.resolution} px ({args.resolution // 8}x{args.resolution // 8} latents), "
-          f"REG class token + REPA projector at depth {min(8, SIT_CONFIGS[args.model][0])}")
+          f"REG class token + REPA projector at depth {paper_encoder_depth(SIT_CONFIGS[args.model][0])}")
     print(f"encoder     {args.encoder} (random weights), width {encoder.embed_dim}")
     print(f"batch {args.batch_size}; precision {args.precision}; compile {args.compile}; "
           f"attention: fused SDPA (project) / plain (variant '+plain'); "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from cli import PRECISIONS, autocast_dtype  # noqa: F401  (the scripts' --precision words and their dtypes)
 
 
 def build_parser(description: str, *, model: str = "SiT-T/2", batch_help: str = "images per step"):
