@@ -37,12 +37,13 @@ sub-directory per model named like the id's last part (``sd-vae-ft-mse/``, ``sd-
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from fileio import read_json
 
 SD_VAE_SCALE = 0.18215   # latent scaling of the Stable Diffusion VAE (release: hard-coded)
 SD_VAE_BIAS = 0.0
@@ -371,17 +372,13 @@ class KLCodec(Codec):
         if getattr(cfg, "latents_mean", None) is not None or getattr(cfg, "latents_std", None) is not None:
             raise ValueError(f"VAE {source} normalises its latents per channel (latents_mean / latents_std); "
                              f"only one scaling_factor and shift_factor are supported")
-        # diffusers' config default for scaling_factor is the SD-VAE value; SD-VAE's configs agree.
-        scale = getattr(cfg, "scaling_factor", None) or SD_VAE_SCALE
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        bias = -shift * scale if shift else SD_VAE_BIAS
-        downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        channels, downsample, scale, bias = _kl_facts(lambda key: getattr(cfg, key, None))
         parts = (source or "").replace("\\", "/").split("/")
         variant = _sd_vae_variant(spec, *parts, getattr(cfg, "_name_or_path", None))
         if family is None:
-            family = "sd-vae" if variant and _looks_like_sd_vae(cfg.latent_channels, downsample, scale, bias) \
+            family = "sd-vae" if variant and _looks_like_sd_vae(channels, downsample, scale, bias) \
                 else "autoencoder-kl"
-        return cls(spec, vae, family, latent_channels=cfg.latent_channels, downsample=downsample, scale=scale,
+        return cls(spec, vae, family, latent_channels=channels, downsample=downsample, scale=scale,
                    bias=bias, source=source, variant=variant if family == "sd-vae" else None)
 
     def to(self, device, dtype):
@@ -424,10 +421,17 @@ def _codec_class(spec: str) -> type[Codec]:
 
 def _kl_config(folder: str) -> dict | None:
     path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.isfile(path) else None
+
+
+def _kl_facts(get) -> tuple:
+    """(latent channels, downsampling, scale, bias) of an AutoencoderKL config read through ``get(key)``
+    (diffusers' config object or a config.json dict). diffusers' default scaling_factor is the
+    SD-VAE's value, and SD-VAE's configs agree."""
+    scale = get("scaling_factor") or SD_VAE_SCALE
+    shift = get("shift_factor") or 0.0
+    bias = -shift * scale if shift else SD_VAE_BIAS
+    return get("latent_channels"), 2 ** (len(get("block_out_channels") or [0]) - 1), scale, bias
 
 
 def codec_identity(spec: str | None) -> dict:
@@ -456,10 +460,7 @@ def codec_identity(spec: str | None) -> dict:
     cfg = _kl_config(source) if local and os.path.isdir(source) else None
     variant = _sd_vae_variant(spec, *source.replace("\\", "/").split("/"), (cfg or {}).get("_name_or_path"))
     if cfg is not None:
-        scale = cfg.get("scaling_factor") or SD_VAE_SCALE
-        shift = cfg.get("shift_factor") or 0.0
-        channels, down = cfg.get("latent_channels"), 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
-        bias = -shift * scale if shift else SD_VAE_BIAS
+        channels, down, scale, bias = _kl_facts(cfg.get)
         sd = variant is not None and _looks_like_sd_vae(channels, down, scale, bias)
     elif variant is not None:        # a hub id or a (gone) path named after an SD-VAE
         scale, bias, channels, down, sd = SD_VAE_SCALE, SD_VAE_BIAS, 4, 8, True
@@ -493,8 +494,8 @@ def decoder_for(identity_or_spec, vae: str | None = None, vae_path: str | None =
                                     f"folder (config.json + weights) or single file")
         cfg = _kl_config(path) if os.path.isdir(path) else None
         if cfg is not None and ident.get("latent_channels") is not None:
-            down = 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
-            if (cfg.get("latent_channels"), down) != (ident["latent_channels"], ident["downsample"]):
+            channels, down, _, _ = _kl_facts(cfg.get)
+            if (channels, down) != (ident["latent_channels"], ident["downsample"]):
                 raise ValueError(f"--vae-path {path} makes {cfg.get('latent_channels')}-channel /{down} latents but "
                                  f"these are {ident['latent_channels']}-channel /{ident['downsample']} ({source})")
         return path

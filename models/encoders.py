@@ -55,7 +55,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -66,7 +66,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH_SIZE = 14                      # DINOv2's (kept for older callers)
 
 ENV_WEIGHTS = "REG_DINOV2_WEIGHTS"   # DINOv2's, kept under its old name
 ENV_REPO = "REG_DINOV2_REPO"
@@ -117,7 +116,6 @@ class EncoderSpec:
     heads: int
     patch: int
     timm_name: str                  # timm model it is built as (patch, width, depth, heads from here)
-    timm_overrides: dict = field(default_factory=dict)   # where those differ from timm's defaults
     registers: int = 0
     weights_file: str | None = None  # the published file's name
     repa_file: str | None = None     # REPA's ./ckpts/ name for it
@@ -210,26 +208,11 @@ def encoder_record(name: str, resolution: int) -> dict:
             "global_token": fam.global_token}
 
 
-def hub_model_name(name: str) -> str:
-    spec = encoder_spec(name)
-    if not spec.hub_model:
-        raise ValueError(f"{spec.name} is not on torch.hub")
-    return spec.hub_model
-
-
 def official_weights_name(name: str) -> str:
     spec = encoder_spec(name)
     if not spec.weights_file:
         raise ValueError(f"{spec.name} has random weights; it has no weights file")
     return spec.weights_file
-
-
-def timm_model_name(name: str) -> str:
-    """timm's model name of an encoder's architecture (only when timm has it unchanged)."""
-    spec = encoder_spec(name)
-    if spec.timm_overrides or not spec.timm_name:
-        raise ValueError(f"timm has no model of {spec.name}'s exact architecture; use random_encoder({spec.name!r}, R)")
-    return spec.timm_name
 
 
 #################################################################################
@@ -249,7 +232,6 @@ class Encoder(nn.Module):
     patch_tokens: ClassVar[str] = "final-norm"       # or "last-block" (before the final norm)
     global_token: ClassVar[str] = "class-token"      # after the final norm; or "mean-of-patches"
     pos_embed_rule: ClassVar[str] = "bicubic resample (antialiased) to the patch grid when it differs"
-    publisher: ClassVar[str] = ""
     # The published checkpoint's layout, as data: the containers holding the state dict (first
     # found, repeatedly), key prefixes to strip, key prefixes to drop (heads, decoders).
     weights_containers: ClassVar[tuple] = ("model", "state_dict")
@@ -381,7 +363,6 @@ class DINOv2(Encoder):
     family = "dinov2"
     preprocessing = DINOV2_PRE
     env_var = ENV_WEIGHTS
-    publisher = "facebookresearch/dinov2 (torch.hub)"
 
     def features(self, x):
         if self.backend == "hub":
@@ -404,7 +385,6 @@ class RandomViT(DINOv2):
     """random-vit-tiny(-reg): a 2-block, 64-wide DINOv2-style ViT/14, random weights (seed 0)."""
     family = "random"
     env_var = None
-    publisher = "random weights, tests and demo only"
 
     @classmethod
     def architecture(cls, spec, input_size, depth=None):
@@ -422,7 +402,6 @@ class DINOv1(Encoder):
     family = "dinov1"
     preprocessing = IMAGENET_NO_RESIZE
     env_var = "REG_DINOV1_WEIGHTS"
-    publisher = "facebookresearch/dino"
     weights_containers = ("teacher", "model", "state_dict")      # full training checkpoints hold 'teacher'
     weights_prefixes = ("module.", "backbone.")
     weights_drop = ("head.",)
@@ -433,7 +412,6 @@ class MoCoV3(Encoder):
     family = "mocov3"
     preprocessing = IMAGENET_NO_RESIZE
     env_var = "REG_MOCOV3_WEIGHTS"
-    publisher = "facebookresearch/moco-v3 (ViT-L: LTH14/rcg)"
     # Misnamed keys in the published ViT-L checkpoint (as REPA renames them).
     KEY_FIXES = (("blocks.13.norm13.", "blocks.13.norm1."), ("blocks.13.mlp.fc13.", "blocks.13.mlp.fc1."),
                  ("blocks.14.norm14.", "blocks.14.norm2."), ("blocks.14.mlp.fc14.", "blocks.14.mlp.fc2."))
@@ -462,7 +440,6 @@ class MAE(Encoder):
     preprocessing = IMAGENET_NO_RESIZE
     env_var = "REG_MAE_WEIGHTS"
     patch_tokens = "last-block"
-    publisher = "facebookresearch/mae"
     weights_drop = ("decoder", "mask_token", "head.")
 
 
@@ -473,7 +450,6 @@ class JEPA(Encoder):
     preprocessing = DINOV2_PRE
     env_var = "REG_JEPA_WEIGHTS"
     global_token = "mean-of-patches"
-    publisher = "facebookresearch/ijepa"
     weights_containers = ("encoder",)                 # the context encoder, as REPA loads it
     weights_prefixes = ("module.",)
 
@@ -486,7 +462,6 @@ class CLIP(Encoder):
     preprocessing = CLIP_PRE
     env_var = "REG_CLIP_WEIGHTS"
     patch_tokens = "last-block"
-    publisher = "openai/CLIP"
     RENAMES = (("conv1.", "patch_embed.proj."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."),
                ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
                (".attn.in_proj_weight", ".attn.qkv.weight"), (".attn.in_proj_bias", ".attn.qkv.bias"),
@@ -544,7 +519,7 @@ for _s, (_w, _d, _h, _long) in _DINOV2.items():
             aliases=(f"dinov2reg-vit-{_s}",) if _reg else ()))
 register(EncoderSpec(
     name="dinov2-vit-tiny", family=DINOv2, width=128, depth=4, heads=4, patch=14,
-    timm_name="vit_small_patch14_dinov2", timm_overrides=dict(embed_dim=128, depth=4, num_heads=4),
+    timm_name="vit_small_patch14_dinov2",
     weights_file="dinov2_vittiny14_pretrain.pth"))
 for _reg in (False, True):
     register(EncoderSpec(name="random-vit-tiny" + ("-reg" if _reg else ""), family=RandomViT, width=64, depth=2,
@@ -554,6 +529,7 @@ register(EncoderSpec(
     name="dinov1-vit-b", family=DINOv1, width=768, depth=12, heads=12, patch=16, timm_name="vit_base_patch16_224",
     weights_file="dino_vitbase16_pretrain.pth", repa_file="dinov1_vitb.pth",
     url="https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"))
+# MoCo v3's ViT-S has 12 heads (timm's ViT-S has 6): heads come from here, not from timm's model
 for _s, (_w, _d, _h, _base) in {"s": (384, 12, 12, "vit_small_patch16_224"), "b": (768, 12, 12, "vit_base_patch16_224"),
                                 "l": (1024, 24, 16, "vit_large_patch16_224")}.items():
     _file = {"s": "vit-s-300ep.pth.tar", "b": "vit-b-300ep.pth.tar", "l": "vitl.pth.tar"}[_s]
@@ -561,8 +537,6 @@ for _s, (_w, _d, _h, _base) in {"s": (384, 12, 12, "vit_small_patch16_224"), "b"
             else "https://github.com/LTH14/rcg (MoCo v3 ViT-L, pretrained_enc_ckpts/mocov3/vitl.pth.tar)")
     register(EncoderSpec(
         name=f"mocov3-vit-{_s}", family=MoCoV3, width=_w, depth=_d, heads=_h, patch=16, timm_name=_base,
-        # MoCo v3's ViT-S has 12 heads (timm's ViT-S has 6)
-        timm_overrides=dict(num_heads=12) if _s == "s" else {},
         weights_file=_file, repa_file=f"mocov3_vit{_s}.pth", url=_url))
 register(EncoderSpec(
     name="mae-vit-l", family=MAE, width=1024, depth=24, heads=16, patch=16, timm_name="vit_large_patch16_224",

@@ -468,7 +468,7 @@ class SiT(nn.Module):
         self.z_dims = z_dims
         self.encoder_depth = encoder_depth
         self.cls_token_dim = cls_token_dim
-        self.norm, self.value_residual = opts["norm"], opts["value_residual"]
+        self.value_residual = opts["value_residual"]
         self.routing, self.route_start, self.route_end = opts["routing"], opts["route_start"], opts["route_end"]
         self.route_drop, self.path_drop = opts["route_drop"], opts["path_drop"]
         # Recompute each block's activations in the backward pass (memory for time): changes no
@@ -592,10 +592,7 @@ class SiT(nn.Module):
             raise ValueError("this model has no token routing (routing='none'); build it with routing='sprint' or 'tread'")
         drop = self.route_drop if drop is None else float(drop)
         path_drop = self.path_drop if path_drop is None else float(path_drop)
-        if not 0.0 <= drop < 1.0:
-            raise ValueError(f"route drop must be in [0, 1), got {drop}")
-        if not 0.0 <= path_drop <= 1.0 or (self.routing == "tread" and path_drop):
-            raise ValueError(f"path_drop must be in [0, 1] (and 0 for TREAD), got {path_drop}")
+        _check_drops(self.routing, drop, path_drop)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tokens = self.x_embedder.num_patches
@@ -720,6 +717,13 @@ def _check_config(input_size, patch_size, hidden_size, depth, num_heads, num_cla
         raise ValueError(f"decoder_hidden_size must equal hidden_size ({hidden_size}), got {decoder_hidden_size}")
 
 
+def _check_drops(routing: str, drop: float, path_drop: float) -> None:
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"route_drop: the route drop must be in [0, 1), got {drop}")
+    if not 0.0 <= path_drop <= 1.0 or (routing == "tread" and path_drop):
+        raise ValueError(f"path_drop must be in [0, 1] (and 0 for TREAD), got {path_drop}")
+
+
 def _check_options(opts, depth, head_dim, encoder_depth):
     """encoder_depth: the projectors' block (1-based), None without projectors."""
     if opts["norm"] not in ("layernorm", "rmsnorm"):
@@ -738,10 +742,7 @@ def _check_options(opts, depth, head_dim, encoder_depth):
     if not 1 <= start < end <= depth:
         raise ValueError(f"routed blocks [route_start, route_end) must satisfy 1 <= start < end <= depth ({depth}), "
                          f"got [{start}, {end})")
-    if not 0.0 <= opts["route_drop"] < 1.0:
-        raise ValueError(f"route_drop must be in [0, 1), got {opts['route_drop']}")
-    if not 0.0 <= opts["path_drop"] <= 1.0 or (opts["routing"] == "tread" and opts["path_drop"]):
-        raise ValueError(f"path_drop must be in [0, 1] (and 0 for TREAD), got {opts['path_drop']}")
+    _check_drops(opts["routing"], opts["route_drop"], opts["path_drop"])
     if encoder_depth is not None and start < encoder_depth <= end:
         raise ValueError(f"encoder_depth {encoder_depth} taps a routed block (blocks {start + 1}..{end}, 1-based); "
                          f"the projectors need all tokens: use encoder_depth <= route_start ({start}) or > route_end ({end})")
