@@ -49,12 +49,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args, parser) -> None:
-    if args.fid_every < 0 or args.fid_num_samples < 1 or args.fid_batch_size < 1 or args.fid_num_steps < 1:
-        parser.error("--fid-every must be >= 0; --fid-num-samples, --fid-batch-size and --fid-num-steps positive")
+    from generate import setting_problems    # generate.py's own rules for its sampler settings
+
+    if args.fid_every < 0 or args.fid_num_samples < 1 or args.fid_batch_size < 1:
+        parser.error("--fid-every must be >= 0; --fid-num-samples and --fid-batch-size positive")
     if args.fid_every and args.fid_metric == "adm" and not args.fid_ref:
         parser.error("--fid-every needs --fid-ref (a reference batch, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
-    if args.fid_every and args.fid_cfg_scale < 1:
-        parser.error(f"--fid-cfg-scale must be >= 1 (1 = no guidance), got {args.fid_cfg_scale}")
+    keys = ("num_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high", "seed")
+    problems = setting_problems({k: getattr(args, "fid_" + k) for k in keys}, name=lambda k: "--fid-" + k.replace("_", "-"))
+    if problems:
+        parser.error("; ".join(problems))
 
 
 def suffix(k: int) -> str:

@@ -146,7 +146,7 @@ def _optimisation_args(p) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--adam-epsilon", type=float, default=1e-08, help="AdamW epsilon")
-    g.add_argument("--adam-impl", choices=ADAM_IMPLS + ("auto",), default="foreach",
+    g.add_argument("--adam-impl", choices=ADAM_IMPLS, default="foreach",
                    help="AdamW kernels: foreach = bitwise the release's update; fused = one kernel (CUDA; CPU with "
                         "torch >= 2.4), same rule up to the last bits; auto = fused where available")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
