@@ -83,7 +83,7 @@ from loss import PATH_TYPES, resolution_shift
 from models.autoencoder import VAE_ALIASES, Autoencoder, decoder_for
 from models.sit import SIT_CONFIGS, SiT, SiT_models
 from runtime import Procs, one_line
-from samplers import GlobalNoise, PerSampleNoise, SAMPLERS, draw_plan, replay_draws, to_device
+from samplers import GLOBAL_NOISE, PerSampleNoise, RecordingNoise, SAMPLERS, draw_plan, replay_draws, to_device
 
 SHARD_RE = re.compile(r"^(img-\d{7}-\d{7}|rank\d{3}-batch\d{6})\.npz$")
 SHARD_KEYS = ("images", "labels", "indices")
@@ -184,22 +184,18 @@ class PerImageNoise(PerSampleNoise):
         return to_device(torch.stack(z), device), to_device(torch.cat(y), device), cls
 
 
-class ReleaseNoise(GlobalNoise):
+class ReleaseNoise(RecordingNoise):
     """The release's seed scheme: everything from the global generator of the device, per batch z,
     then y, then the class-token noise, then the sampler's randn_like draws (logged in ``log``)."""
 
     def __init__(self):
-        self.log = []
+        super().__init__(GLOBAL_NOISE)
 
     def inputs(self, n: int, latent_shape, num_classes: int, cls_dim: int, device):
         z = torch.randn(n, *latent_shape, device=device)                         # (n, C, h, w)
         y = torch.randint(0, num_classes, (n,), device=device)
         cls = torch.randn(n, cls_dim, device=device) if cls_dim else None        # (n, Z)
         return z, y, cls
-
-    def randn_like(self, x):
-        self.log.append((tuple(x.shape), x.dtype, x.device.type))
-        return torch.randn_like(x)
 
 
 def model_shape(model) -> tuple[tuple, int, int]:
