@@ -437,15 +437,7 @@ def evaluate(
     metrics.frechet_distance_from_activations). If `details` is a dict, it is filled with the sizes and the
     weights' hash (the CLI stores them in the JSON).
     """
-    fid_method = fid_method or default_fid_method()
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if fid_method not in FID_METHODS:
-        raise ValueError(f"fid_method must be one of {FID_METHODS}, got {fid_method!r}")
-    check_image_batch(ref_npz_path, "reference")
-    sample_shape = check_image_batch(sample_npz_path, "sample")
-    if fid_method == "lowrank" and stored_statistics(sample_npz_path, "sample") is not None:
-        raise ValueError(f"fid_method 'lowrank' needs sample activations, but {sample_npz_path} stores mu/sigma")
+    sample_shape = check_image_batch(sample_npz_path, "sample")      # before Inception loads: fail early
     ev = Evaluator(ref_npz_path, inception_weights, device, batch_size, use_cache, fid_method)
     result = ev.evaluate_npz(sample_npz_path)
     if details is not None:
@@ -453,7 +445,7 @@ def evaluate(
             num_reference=int(ev.ref_shape[0]),
             num_samples=int(sample_shape[0]),
             sample_resolution=[int(sample_shape[1]), int(sample_shape[2])],
-            fid_method=fid_method,
+            fid_method=ev.fid_method,
             inception_weights_sha256=ev.weights_sha256,
             published_inception_weights=inception.is_published_weights(ev.weights_sha256),
         )
