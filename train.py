@@ -1019,6 +1019,13 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
+    try:
+        train(args, parser)
+    finally:
+        forget_process_state()   # a later run in this process (the demos, tests) builds its own
+
+
+def train(args, parser) -> None:
     from tqdm.auto import tqdm
 
     run = build(args, parser)
@@ -1064,6 +1071,14 @@ def main(argv=None):
     acc.end_training()
     if acc.is_main_process:
         logger.info(f"done: {state.step} steps; checkpoints in {run.ckpt_dir}")
+
+
+def forget_process_state() -> None:
+    """Clear Accelerate's process-wide state (it outlives the Accelerator); the process group, if
+    any, stays for the process's other work."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def build_online_eval(run, parser):

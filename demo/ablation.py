@@ -204,11 +204,7 @@ def run_in_process(stage: Stage, threads: int) -> None:
     try:
         for script, argv in stage.calls:
             print(f"$ {command_line(script, argv)}", flush=True)
-            importlib.import_module(SCRIPTS[script]).main(list(argv))
-            if script == "train.py":            # one accelerate state per run
-                from accelerate.state import AcceleratorState, GradientState
-                AcceleratorState._reset_state(True)
-                GradientState._reset_state()
+            importlib.import_module(SCRIPTS[script]).main(list(argv))   # train.main leaves no accelerate state
     finally:
         torch.set_num_threads(saved_threads)
         for k, v in saved_env.items():

@@ -48,17 +48,11 @@ def test_every_entry_point_the_demo_calls_builds_its_parser_and_help(module, cap
 def test_the_builtin_pipeline_runs_end_to_end_in_process(tmp_path, capsys):
     """demo/pipeline.py (what demo.sh runs) at a reduced size, in this process: each stage's output
     exists and the losses fell. The script itself and its rerun behaviour: the slow test below."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from demo import pipeline
     out = tmp_path / "demo_out"
-    try:
-        result = pipeline.main(["--out", str(out), "--steps", "10", "--log-every", "5", "--num-samples", "10",
-                                "--sample-steps", "2", "--eval-images", "4", "--max-images", "200",
-                                "--model", "SiT-XS/2"])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    result = pipeline.main(["--out", str(out), "--steps", "10", "--log-every", "5", "--num-samples", "10",
+                            "--sample-steps", "2", "--eval-images", "4", "--max-images", "200",
+                            "--model", "SiT-XS/2"])
     printed = capsys.readouterr().out
     exp = out / "exps" / "reg-digits"
     assert (exp / "checkpoints" / "0000010.pt").is_file() and result["checkpoint"].endswith("0000010.pt")
@@ -131,18 +125,12 @@ LADDER = "--routing sprint --norm rmsnorm --rope --qk-norm --value-residual --cf
 @pytest.mark.slow
 def test_the_builtin_run_with_the_speedrun_ladder_trains_and_samples(tmp_path):
     """Every rung of SpeedrunDiT's ladder at once on the built-in digits (not asserted to be better)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from demo import pipeline
     out = tmp_path / "demo_out"
-    try:
-        result = pipeline.main(["--out", str(out), "--steps", "10", "--log-every", "5", "--num-samples", "10",
-                                "--sample-steps", "4", "--eval-images", "8", "--max-images", "300",
-                                "--model", "SiT-XS/2", "--exp-name", "ladder",
-                                "--train-args", LADDER + " --route-start 2 --route-end 3"])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    result = pipeline.main(["--out", str(out), "--steps", "10", "--log-every", "5", "--num-samples", "10",
+                            "--sample-steps", "4", "--eval-images", "8", "--max-images", "300",
+                            "--model", "SiT-XS/2", "--exp-name", "ladder",
+                            "--train-args", LADDER + " --route-start 2 --route-end 3"])
     config = torch.load(result["checkpoint"], weights_only=True)["model_config"]
     assert (config["routing"], config["norm"], config["rope"], config["value_residual"]) == ("sprint", "rmsnorm", True, True)
     logs = [json.loads(line) for line in open(out / "exps" / "ladder" / "metrics.jsonl")]
