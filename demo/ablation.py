@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import shlex
 import subprocess
@@ -38,6 +37,9 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from checkpoint import checkpoint_paths  # noqa: E402
+from demo.plot_loss import read_metrics  # noqa: E402
 
 METHODS = {                      # name -> the ablation flags (everything else identical)
     "SiT": ["--cls", "0", "--proj-coeff", "0"],
@@ -101,20 +103,6 @@ def manifest_done(folder: str):
     return lambda: os.path.isfile(os.path.join(folder, "manifest.json"))
 
 
-def read_metrics(path: str) -> dict:
-    """{step: record} of a metrics.jsonl (a resumed run re-logs some steps: the latest wins)."""
-    rows = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                rows[row["step"]] = row
-    return rows
-
-
 def encoder_done(argv: list) -> bool:
     """The encoder file exists and was trained with these settings (train_encoder.py's own check)."""
     from demo import train_encoder
@@ -176,8 +164,8 @@ def plan(args) -> tuple[list[Stage], dict]:
 
             def finished(exp=exp):
                 final = read_metrics(os.path.join(exp, "metrics.jsonl")).get(args.steps, {})
-                return any(k.startswith("fd_") for k in final) and os.path.isfile(
-                    os.path.join(exp, "checkpoints", f"{args.steps:07d}.pt"))
+                saved = [s for s, _ in checkpoint_paths(os.path.join(exp, "checkpoints"))]
+                return any(k.startswith("fd_") for k in final) and args.steps in saved
             stages.append(Stage(name, [("train.py", argv)], deps=("data",) if method == "SiT" else ("features",),
                                 done=finished, env={"REG_DINOV2_WEIGHTS": weights}))
     return stages, {"runs": runs, "weights": weights, "data": data}

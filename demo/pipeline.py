@@ -96,8 +96,8 @@ def main(argv=None) -> dict:
                       "--sample-num-steps", 30, "--sample-cfg-scale", 2, "--log-every", args.log_every,
                       "--precision", "fp32", "--report-to", "none", "--num-workers", 1, *shlex.split(args.train_args)],
          "train.py")
-    ckpt = sorted(f for f in os.listdir(os.path.join(exp, "checkpoints")) if f.endswith(".pt"))[-1]
-    ckpt = os.path.join(exp, "checkpoints", ckpt)
+    from checkpoint import checkpoint_paths
+    ckpt = checkpoint_paths(os.path.join(exp, "checkpoints"))[-1][1]                    # the newest
 
     stage(f"4/6 sampling {args.num_samples} digits (SDE, {args.sample_steps} steps, cfg 2 on image and class token)")
     samples = call(generate.main, ["--ckpt", ckpt, "--mode", "sde", "--num-steps", args.sample_steps,

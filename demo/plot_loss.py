@@ -1,6 +1,7 @@
 """Plot train.py's metrics.jsonl (image, class-token and alignment losses) to a PNG."""
 import argparse
 import json
+import os
 
 import matplotlib
 
@@ -8,16 +9,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def read_metrics(path: str) -> dict:
+    """{step: record} of a metrics.jsonl; the latest record of a step wins, a line cut short by a
+    kill is skipped, a missing file is empty."""
+    rows = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                rows[row["step"]] = row
+    except FileNotFoundError:
+        pass
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("metrics", help="{output-dir}/{exp-name}/metrics.jsonl")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    by_step = {}
-    with open(args.metrics) as f:
-        for line in f:
-            row = json.loads(line)
-            by_step[row["step"]] = row  # a resumed run re-logs some steps: keep the latest
+    if not os.path.isfile(args.metrics):
+        p.error(f"{args.metrics} does not exist")
+    by_step = read_metrics(args.metrics)
     steps = sorted(by_step)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key, title in zip(axes, ["loss_mean", "loss_mean_cls", "proj_loss"],
