@@ -14,17 +14,21 @@ architecture is then read off the state_dict's shapes.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
+import shutil
 import threading
 import time
 
 import torch
 
 from fileio import atomic_torch_save, remove_stale_temp_files
+from models.sit import SIT_CONFIGS, SiT, complete_config
 from runtime import one_line
-from models.sit import SIT_CONFIGS, SiT
+
+logger = logging.getLogger("train")
 
 CKPT_NAME = re.compile(r"^(\d{7,})\.pt$")   # {step:07d}.pt
 
@@ -122,20 +126,88 @@ def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
     )
 
 
+def checkpoint_config(ckpt: dict, weights: str | None = None, **overrides) -> dict:
+    """The SiT constructor arguments a checkpoint describes: ours store them; the release's are
+    read off the shapes of ``weights`` (default: the raw weights, else the EMA)."""
+    state_dict = ckpt[weights] if weights else (ckpt.get("model") or ckpt["ema"])
+    config = dict(ckpt.get("model_config") or infer_model_config(state_dict, ckpt.get("args")))
+    config.update(overrides)
+    return config
+
+
 def model_from_checkpoint(ckpt: dict, weights: str = "ema", **overrides) -> SiT:
     """Rebuild the SiT a checkpoint describes and load ``weights`` ("ema" or "model") strictly."""
     if weights not in ckpt:
         raise ValueError(f"checkpoint has no {weights!r} weights (keys: {', '.join(sorted(ckpt))})")
     state_dict = {k.removeprefix("module."): v for k, v in ckpt[weights].items()}
-    config = dict(ckpt.get("model_config") or infer_model_config(state_dict, ckpt.get("args")))
-    config.update(overrides)
-    model = SiT(**config)
+    model = SiT(**checkpoint_config(ckpt, weights, **overrides))
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
 #################################################################################
-#                      A run's checkpoints: save, choose, restore               #
+#                 Reading a checkpoint to sample from (generate.py)              #
+#################################################################################
+
+RELEASE_ENCODER_DEPTH = 8          # the release's --encoder-depth default (used by --legacy)
+
+
+def legacy_state_dict(state_dict: dict, encoder_depth: int) -> dict:
+    """The release's --legacy remap: decoder_blocks.{i}.* -> blocks.{i + encoder_depth}.*, other keys as they are."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix = "module." if key.startswith("module.") else ""
+        parts = key[len(prefix):].split(".")
+        if parts[0] == "decoder_blocks" and len(parts) > 1 and parts[1].isdigit():
+            key = prefix + ".".join(["blocks", str(int(parts[1]) + encoder_depth), *parts[2:]])
+        out[key] = value
+    return out
+
+
+def load_sampling_model(path: str, weights: str = "ema", legacy: bool = False, encoder_depth: int | None = None,
+                        fused_attn: bool = True):
+    """The model a checkpoint describes, read on the CPU (optimizer state dropped), in eval mode,
+    and the facts the sampler needs about its training. ``legacy``: the release's old layout
+    (decoder_blocks.*) renamed first. Raises ValueError with one line."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: {one_line(e)[:300]}") from None
+    train_args = ckpt.get("args") or {}
+    state_dict = ckpt.get(weights)
+    if isinstance(state_dict, dict):
+        old_layout = any(k.removeprefix("module.").startswith("decoder_blocks.") for k in state_dict)
+        if legacy:
+            depth = encoder_depth or train_args.get("encoder_depth") or RELEASE_ENCODER_DEPTH
+            ckpt[weights] = legacy_state_dict(state_dict, int(depth))
+        elif old_layout:
+            raise ValueError(f"{path} holds an old release layout (decoder_blocks.*); add --legacy to rename them "
+                             "to blocks.{i + encoder depth}, as the release's --legacy does")
+    try:
+        model = model_from_checkpoint(ckpt, weights=weights, fused_attn=fused_attn)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot build the model of {path}: {one_line(e)[:500]}") from None
+    cfg = model.config
+    shape = (cfg["depth"], cfg["hidden_size"], cfg["num_heads"], cfg["patch_size"])
+    time_shift = train_args.get("time_shift", train_args.get("time_shifting"))  # ours / SpeedrunDiT's
+    facts = dict(
+        weights=weights,
+        steps=ckpt.get("steps"),
+        # the shapes decide; a stored name only names what the table does not know
+        name=next((n for n, c in SIT_CONFIGS.items() if c == shape), None)
+        or ckpt.get("model_name") or train_args.get("model"),
+        autoencoder=ckpt.get("autoencoder"), codec=ckpt.get("codec"),
+        path_type=train_args.get("path_type"),
+        encoder_depth=(ckpt.get("model_config") or {}).get("encoder_depth", train_args.get("encoder_depth")),
+        time_shift=None if time_shift is None else bool(time_shift),
+        shift_base=train_args.get("shift_base"),
+    )
+    del ckpt  # the other weights and the Adam state are not needed any more
+    return model.eval().requires_grad_(False), facts
+
+
+#################################################################################
+#              A run's checkpoints: listed, written in the background           #
 #################################################################################
 
 def snapshot(value):
@@ -234,3 +306,219 @@ class Checkpointer:
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message is one line saying what to do."""
+
+
+#################################################################################
+#               Resuming a training run: choose, load, restore, save             #
+#################################################################################
+# Rerunning a command resumes its experiment: rank 0 chooses the checkpoint (the newest that
+# loads and is intact, --resume-step's, or --resume-from's file) and broadcasts the choice; every
+# process restores model, EMA, optimizer, grad scaler, step, its RNG states and the data position,
+# and confirms it holds that step. N steps in one go equal N/2 + resume + N/2, bitwise on the CPU.
+
+def save_run(run) -> None:
+    """Checkpoint the run: the replicas are compared first (cheaply), RNG states gathered from
+    every process, then rank 0 writes in the background while training goes on."""
+    acc, state, args = run.accelerator, run.state, run.args
+    rng = run.rng.state_dict()                                                  # collective
+    sums = run.procs.gather(float(sum(p.detach().double().sum() for p in state.model.parameters())))
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"model replicas diverged across processes at step {state.step}: checksums {sums}")
+    if not acc.is_main_process:
+        return
+    run.checkpointer.save(state.step, dict(
+        model=state.model, ema=state.ema, opt=state.optimizer, steps=state.step, args=vars(args),
+        model_name=run.model_name, model_config=state.model.config, autoencoder=run.dataset.autoencoder_spec,
+        codec=run.dataset.codec_identity,
+        enc_types=run.enc_types, scaler=state.scaler if state.scaler.is_enabled() else None,
+        rng=rng, data=run.data_position))
+    logger.info(f"step {state.step}: writing a checkpoint" + (f" ({run.world} replicas in sync)" if run.world > 1 else ""))
+
+
+WEIGHT_FREE_CONFIG = ("fused_attn",)  # model settings that change no weight: free to toggle on resume
+
+
+def resume(run, parser) -> None:
+    """Rank 0 chooses the checkpoint (the newest readable one, --resume-step's, or --resume-from)
+    and broadcasts it; every process restores it and confirms it holds that step."""
+    args, acc, state = run.args, run.accelerator, run.state
+    choice, error = None, None
+    if acc.is_main_process:
+        try:
+            choice = choose_checkpoint(run, args)
+        except (OSError, ValueError) as e:
+            error = one_line(e)
+    choice, error = run.procs.broadcast((choice, error))
+    if error:
+        parser.error(error)
+    if acc.is_main_process:
+        run.checkpointer.remove_stale_temp_files()
+    if choice is None:
+        return
+    path, step = choice
+    try:
+        from_flag = args.resume_from and path == os.path.abspath(args.resume_from)
+        ckpt = run.resume_ckpt if from_flag else load_checkpoint(path)
+        restore(run, ckpt, path)
+        problem = None if state.step == step else f"holds step {state.step}, not {step}"
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        problem = one_line(e)
+    problems = run.procs.gather(problem)
+    bad = [(r, p) for r, p in enumerate(problems) if p]
+    if bad:
+        parser.error(f"process {bad[0][0]} cannot resume from {path}: {bad[0][1]} (every process must read the "
+                     "same checkpoint: check that the run folder is on storage all nodes share)")
+    if acc.is_main_process:
+        logger.info(f"resumed from {path} (step {step})")
+
+
+def choose_checkpoint(run, args):
+    """(path, step) or None for a fresh start; refuses to mix a fresh start into an old run."""
+    saved = run.checkpointer.paths()
+    if args.resume_from and not saved:
+        return os.path.abspath(args.resume_from), int(run.resume_ckpt.get("steps", 0))
+    if args.resume_from:
+        logger.info(f"{run.ckpt_dir} already holds checkpoints: resuming from them (--resume-from only starts a run)")
+    if args.resume_step == 0:
+        if saved and not args.archive_old_run:
+            raise ValueError(f"{run.ckpt_dir} holds checkpoints up to step {saved[-1][0]}; --resume-step 0 would mix "
+                             "a fresh run into them: add --archive-old-run to move them aside, or use another --exp-name")
+        if saved:
+            archive_old_run(run)
+        return None
+    path, ckpt = run.checkpointer.choose(args.resume_step, log=logger.warning)
+    return None if path is None else (path, int(ckpt["steps"]))
+
+
+def archive_old_run(run) -> None:
+    folder = os.path.join(run.exp_dir, time.strftime("archived-%Y%m%d-%H%M%S"))
+    os.makedirs(folder)
+    for name in ("checkpoints", "metrics.jsonl", "samples", run.args.logging_dir, "args.json"):
+        src = os.path.join(run.exp_dir, name)
+        if os.path.exists(src):
+            shutil.move(src, os.path.join(folder, name))
+    os.makedirs(run.ckpt_dir, exist_ok=True)
+    logger.info(f"moved the previous run's checkpoints, metrics and samples to {folder}")
+
+
+def restore(run, ckpt: dict, path: str) -> None:
+    """Load a checkpoint into the run's state. A REG release checkpoint has no RNG or data
+    position: the run goes on with fresh ones (said once)."""
+    args, state = run.args, run.state
+    stored = ckpt.get("model_config")
+    if stored is not None and not args.resume_from:
+        stored, ours = complete_config(stored), state.model.config
+        diff = sorted(k for k in set(stored) | set(ours)
+                      if k not in WEIGHT_FREE_CONFIG and stored.get(k) != ours.get(k))
+        if diff:
+            raise ValueError(f"{path} was trained with a different model configuration "
+                             f"({', '.join(f'{k}: {stored.get(k)} -> {ours.get(k)}' for k in diff)}); "
+                             "use another --exp-name")
+    weights = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state.model.load_state_dict(weights)
+    if state.ema is not None:
+        state.ema.load_state_dict({k.removeprefix("module."): v for k, v in (ckpt.get("ema") or weights).items()})
+    load_optimizer_state(state.optimizer, ckpt["opt"])
+    apply_optimizer_flags(state.optimizer, args)
+    if ckpt.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = int(ckpt["steps"])
+    run.data_position.load_state_dict(ckpt.get("data"))
+    restored_rng = run.rng.load_state_dict(ckpt.get("rng"), reseed=args.seed + run.rank + state.step)
+    if not restored_rng and run.accelerator.is_main_process:
+        why = "has none (a release checkpoint)" if not ckpt.get("rng") else f"was written by {len(ckpt['rng'])} processes"
+        logger.warning(f"{path} {why}: RNG states reseeded and the data order restarts at step {state.step}'s "
+                       "position of this run's order (not restorable)")
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Load AdamW state written with any kernel choice (the release's default, foreach, fused) into
+    this run's optimizer, keeping this run's kernels: flags restored, step counters moved to where
+    those kernels keep them (fused: on the parameter's device; foreach: on the CPU)."""
+    kernel_keys = ("foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad")
+    keep = [{k: g.get(k) for k in kernel_keys} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, flags in zip(inner.param_groups, keep):
+        group.update(flags)
+        for p in group["params"]:
+            st = inner.state.get(p)
+            if st and "step" in st:
+                st["step"] = st["step"].to(p.device if flags["fused"] else "cpu", torch.float32)
+
+
+def apply_optimizer_flags(optimizer, args) -> None:
+    """The flags given now win over the values stored in the checkpoint (and the change is logged),
+    so args.json, new checkpoints and the optimizer always agree."""
+    want = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                weight_decay=args.adam_weight_decay)
+    for group in optimizer.param_groups:
+        changed = {k: (group[k], v) for k, v in want.items() if tuple(_seq(group[k])) != tuple(_seq(v))}
+        if changed:
+            logger.info("optimizer settings changed on resume: "
+                        + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+        group.update(want)
+
+
+def _seq(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+class RNGStates:
+    """Every process's RNG states (CPU, and the current CUDA device), saved as a list by rank.
+    ``state_dict`` is a collective: every process calls it at a save."""
+
+    def __init__(self, gather, rank: int, world: int, device):
+        self.gather, self.rank, self.world, self.device = gather, rank, world, device
+
+    def _mine(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self) -> list:
+        return self.gather(self._mine())
+
+    def load_state_dict(self, states, reseed: int) -> bool:
+        """Restore this process's state; False (and a fresh seed) when the process count changed."""
+        if not states or len(states) != self.world:
+            torch.manual_seed(reseed)
+            return False
+        torch.set_rng_state(states[self.rank]["torch"])
+        if self.device.type == "cuda" and "cuda" in states[self.rank]:
+            torch.cuda.set_rng_state(states[self.rank]["cuda"], self.device)
+        return True
+
+
+def read_checkpoint(path: str, parser) -> dict:
+    """load_checkpoint, its failure one line through ``parser.error``."""
+    try:
+        return load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        parser.error(one_line(e))
+
+
+def check_data_fits(config, z_dims, channels, size, path, parser):
+    problems = []
+    if (config["in_channels"], config["input_size"]) != (channels, size):
+        problems.append(f"it denoises {config['in_channels']} x {config['input_size']}^2 latents, the data has "
+                        f"{channels} x {size}^2")
+    if config["cls_token_dim"] and z_dims and config["cls_token_dim"] != z_dims[0]:
+        problems.append(f"its class token has width {config['cls_token_dim']}, the encoder gives {z_dims[0]}")
+    if problems:
+        parser.error(f"{path} does not fit this dataset: " + "; ".join(problems))
+
+
+def init_weights_from(model, ckpt: dict, path: str) -> None:
+    """Copy every tensor of the checkpoint's EMA (else raw) weights whose name and shape match;
+    what the checkpoint lacks keeps its fresh initialisation (e.g. REG's class-token layers when
+    starting from REPA). The fixed position table is never copied (REPA's has no class row)."""
+    source = {k.removeprefix("module."): v for k, v in (ckpt.get("ema") or ckpt["model"]).items()}
+    own = model.state_dict()
+    loaded = {k: v for k, v in source.items() if k in own and k != "pos_embed" and own[k].shape == v.shape}
+    model.load_state_dict(loaded, strict=False)
+    fresh = sorted(k for k in own if k not in loaded and k != "pos_embed")
+    skipped = sorted(k for k in source if k not in loaded and k != "pos_embed")
+    logger.info(f"initialised {len(loaded)} tensors from {path}; fresh: {', '.join(fresh) or 'none'}"
+                + (f"; not used: {', '.join(skipped)}" if skipped else ""))

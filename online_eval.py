@@ -1,11 +1,12 @@
-"""FID (and the rest of ADM's numbers) during training: the EMA model is sampled on K fixed images
-every N steps, split over all processes, and scored against a reference batch.
+"""What a run shows while it trains: EMA sample grids (every --sampling-steps) and FID (and the
+rest of ADM's numbers, or another metric) of the EMA model on K fixed images every --fid-every
+steps, sampled on all processes and scored against a reference batch.
 
     train.py ... --fid-every 50000 --fid-num-samples 10000 --fid-ref VIRTUAL_imagenet256_labeled.npz
 
 The same K images (per-image seeds: the same noises and labels at every evaluation, whatever the
 number of processes), so the curve shows the model, not the noise. Sampling and decoding come from
-generate.py (``sample_batch``), the features and statistics from the evaluator (Inception loaded
+sampling.py (``sample_batch``, as generate.py), the features and statistics from the evaluator (Inception loaded
 once and kept; the reference statistics read, or computed once and cached). Evaluating does not
 touch the training trajectory: no RNG state changes, the weights are only read.
 
@@ -21,10 +22,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
+import math
+import os
 import time
 
 import numpy as np
 import torch
+
+from fileio import atomic_open
+from runtime import one_line
+from sampling import SampleSettings, sample_batch, setting_problems
+from samplers import euler_sampler
+
+logger = logging.getLogger("train")
 
 METRICS = ("adm", "digits")
 
@@ -49,12 +60,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args, parser) -> None:
-    from generate import setting_problems    # generate.py's own rules for its sampler settings
-
     if args.fid_every < 0 or args.fid_num_samples < 1 or args.fid_batch_size < 1:
         parser.error("--fid-every must be >= 0; --fid-num-samples and --fid-batch-size positive")
     if args.fid_every and args.fid_metric == "adm" and not args.fid_ref:
         parser.error("--fid-every needs --fid-ref (a reference batch, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    # the sampler settings follow generate.py's own rules
     keys = ("num_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high", "seed")
     problems = setting_problems({k: getattr(args, "fid_" + k) for k in keys}, name=lambda k: "--fid-" + k.replace("_", "-"))
     if problems:
@@ -71,7 +81,6 @@ class OnlineEvaluation:
     evaluation steps on every process; returns the metrics on the main process ({} elsewhere)."""
 
     def __init__(self, run, metric=None):
-        from generate import SampleSettings
         from models.autoencoder import Autoencoder, decoder_for
 
         args, model = run.args, run.state.model
@@ -102,10 +111,6 @@ class OnlineEvaluation:
 
     @torch.no_grad()
     def __call__(self) -> dict:
-        from generate import sample_batch
-
-        from train import gather_objects
-
         run, t0 = self.run, time.time()
         devices = [run.device] if run.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -123,7 +128,7 @@ class OnlineEvaluation:
                 acts = self.metric.activations(images)
             if model is not run.state.ema:
                 del model
-        gathered = gather_objects(run.accelerator, acts)
+        gathered = run.procs.gather(acts)
         if not run.accelerator.is_main_process:
             return {}
         values = self.metric.metrics_from_activations(gathered)
@@ -139,3 +144,81 @@ def build_metric(args, device):
         return DigitsMetric(device=device)
     from evaluations.evaluator import Evaluator
     return Evaluator(args.fid_ref, args.fid_inception_weights, device=device)
+
+
+def build(run, parser):
+    """FID (or the --fid-metric) of the EMA model every --fid-every steps; None when off."""
+    if not run.args.fid_every:
+        return None
+    try:
+        return OnlineEvaluation(run)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        parser.error(f"cannot set up the evaluation during training: {one_line(e)}")
+
+
+#################################################################################
+#                               EMA sample grids                                #
+#################################################################################
+
+class SampleGrids:
+    """EMA samples from fixed noise and labels (the same at every grid and after resume), decoded
+    on the saving process. The decoder is loaded at the first grid; if it cannot be, training
+    goes on without grids (one warning naming --vae / REG_VAE_PATH)."""
+
+    def __init__(self, run):
+        model, args = run.state.model, run.args
+        g = torch.Generator().manual_seed(args.seed)
+        n, c, size = args.num_sample_images, model.in_channels, model.input_size
+        self.inputs = dict(latents=torch.randn(n, c, size, size, generator=g),
+                           y=torch.randint(0, model.num_classes, (n,), generator=g),
+                           cls_latents=torch.randn(n, model.cls_token_dim, generator=g) if model.cls_token_dim else None)
+        self.run, self.codec, self.disabled = run, None, False
+
+    def __call__(self) -> None:
+        run, args = self.run, self.run.args
+        if self.disabled or run.state.ema is None:
+            return
+        if self.codec is None:
+            from models.autoencoder import Autoencoder, decoder_for
+            spec = args.vae or run.dataset.autoencoder_spec
+            try:
+                # SD-VAE latents decode with the EMA decoder (as released); --vae ema|mse or a path chooses
+                chosen = dict(vae=args.vae) if args.vae in ("ema", "mse") else dict(vae_path=args.vae)
+                spec = decoder_for(run.dataset.codec_identity, **chosen)
+                self.codec = Autoencoder.from_spec(spec, device=run.device)
+            except (OSError, ValueError, ImportError, RuntimeError) as e:
+                self.disabled = True
+                logger.warning(f"no EMA sample grids: cannot load the decoder {spec!r} ({one_line(e)[:200]}); "
+                               "give --vae or set REG_VAE_PATH to a local copy (training goes on)")
+                return
+        write_grid(run, self.codec, self.inputs)
+
+
+def write_grid(run, codec, grid_inputs) -> None:
+    from PIL import Image
+
+    args, step, ema = run.args, run.state.step, run.state.ema
+    inputs = {k: (v.to(run.device) if v is not None else None) for k, v in grid_inputs.items()}
+    cfg = args.sample_cfg_scale if args.cfg_prob > 0 else 1.0
+    x = euler_sampler(ema, inputs["latents"], inputs["y"], num_steps=args.sample_num_steps, cfg_scale=cfg,
+                      path_type=args.path_type, cls_latents=inputs["cls_latents"], cls_cfg_scale=cfg,
+                      time_shift=run.objective.loss.time_shift)     # the grid the model was trained on
+    images = codec.to_uint8(codec.decode(x.float())).cpu().numpy()          # (N, H, W, 3)
+    n = images.shape[0]
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    h, w = images.shape[1:3]
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    path = os.path.join(run.exp_dir, "samples", f"{step:07d}.png")
+    with atomic_open(path) as f:
+        Image.fromarray(grid).save(f, format="PNG")
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("ema_samples", grid, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.log({"ema_samples": wandb.Image(grid)}, step=step)
+    logger.info(f"saved EMA samples {path}")

@@ -1,6 +1,8 @@
-"""Processes, ranks and devices for the scripts that do not run under Accelerate
-(generate.py, preprocessing/dataset_tools.py, evaluations), plus the few runtime helpers
-every script shares (one-line errors, downloads done once per node).
+"""Processes, ranks and devices: ``Procs`` starts the process group of the scripts that do not run
+under Accelerate (generate.py, preprocessing/dataset_tools.py, evaluations) and gives training,
+whose group Accelerate starts, the same collectives (``Procs.joined``); plus the few runtime
+helpers every script shares (one-line errors, downloads done once per node, clearing
+Accelerate's process-wide state).
 
 Under a launcher (torchrun, ``python -m torch.distributed.launch``, accelerate launch, SLURM
 with those variables set) a process group is created: NCCL when the device is a GPU, gloo on
@@ -25,6 +27,13 @@ def one_line(e: BaseException) -> str:
     """An exception as one line: its message with whitespace folded, or its type name."""
     text = " ".join(str(e).split())
     return text or type(e).__name__
+
+
+def last_line(e: BaseException) -> str:
+    """The useful line of an error raised in a DataLoader worker (its message arrives wrapped in the
+    worker's traceback): the last non-empty line, without the exception's type name."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].split("DataFileError: ", 1)[-1] if lines else type(e).__name__
 
 
 def launcher_env() -> tuple[int, int, int]:
@@ -72,6 +81,15 @@ class Procs:
                                     timeout=datetime.timedelta(minutes=timeout_min))
         if self.distributed:
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @classmethod
+    def joined(cls, rank: int, world_size: int, local_rank: int, device) -> "Procs":
+        """The Procs of a job whose process group was started by another library (Accelerate,
+        for training): the same collectives, and the group is left to its owner."""
+        self = cls.__new__(cls)
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device, self.distributed, self.owns_group = torch.device(device), world_size > 1, False
+        return self
 
     @property
     def is_main(self) -> bool:
@@ -125,3 +143,11 @@ def local_main_first(local_rank: int, barrier):
     finally:
         if local_rank == 0:
             barrier()
+
+
+def forget_process_state() -> None:
+    """Clear Accelerate's process-wide state (it outlives the Accelerator); the process group, if
+    any, stays for the process's other work."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -1,7 +1,7 @@
 """Step time and memory of the SiT options (issue 15) against the default model, side by side.
 
 One training step = SILoss forward (REG: image + class token + REPA alignment), backward, AdamW
-(train.make_optimizer). Time: all variants are built in one process and stepped round-robin (one
+(optim.make_optimizer). Time: all variants are built in one process and stepped round-robin (one
 step of each per round, the order alternating), so background load hits them alike; the median
 and the minimum wall time over the rounds are printed, and on a CPU the median process CPU time
 too, which a busy shared machine disturbs far less (use --threads 1 there: then CPU time is the
@@ -21,7 +21,7 @@ Variants (any subset with --variants):
   all          rmsnorm + qknorm + rope + vres + sprint (SpeedrunDiT's architecture)
   all+ckpt     the same with grad checkpointing
 
-The timed body is ``step(state, batch)``: train.py's own train_step, so the figures time the
+The timed body is ``step(state, batch)``: the project's train_step (train_step.py), so the figures time the
 project's real step (it draws the routing from a generator seeded like train.py would).
 
     python benchmarks/bench_options.py --threads 2                 # CPU: SiT-S/2, 128 px, batch 8
@@ -49,7 +49,7 @@ from benchmarks.common import build_parser as common_parser  # noqa: E402
 from benchmarks.flops import sit_activation_bytes  # noqa: E402
 from loss import REGObjective  # noqa: E402
 from optim import GuardedAdamW, make_optimizer  # noqa: E402
-from train import TrainState, train_step  # noqa: E402
+from train_step import TrainState, train_step  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model  # noqa: E402
 
 SPEEDRUN = dict(norm="rmsnorm", qk_norm=True, rope=True, value_residual=True, routing="sprint")
@@ -73,7 +73,7 @@ OBJECTIVE = REGObjective(proj_coeff=0.5, cls_coeff=0.03)
 #################################################################################
 
 def step(state, batch):
-    """One training step: train.py's own ``train_step`` (REGObjective, the guarded foreach AdamW,
+    """One training step: the project's ``train_step`` (REGObjective, the guarded foreach AdamW,
     the EMA, and for routed models the step's route drawn from (seed, step) as in training)."""
     return train_step(state, [batch], OBJECTIVE, prepare=lambda b: b)["loss"]
 

@@ -4,7 +4,7 @@ One step = latent sampling from [mean, std] moments, alignment targets (encoder 
 images, or cached features copied to the device), the loss forward, backward, grad clipping,
 AdamW, EMA. Variants (each with cached features and with the encoder online):
 
-  project            train.py's own train_step (TrainState, Prepare, REGObjective) as train.py
+  project            the project's train_step (train_step.py) (TrainState, Prepare, REGObjective) as train.py
                      builds it by default: foreach AdamW (bitwise the release's update) under the
                      non-finite guard, fused EMA, batched fp32-normalised projection loss
   project+fused      the same with --adam-impl fused
@@ -46,7 +46,7 @@ from models.autoencoder import SD_VAE_SCALE  # noqa: E402
 from models.encoders import ENCODER_WIDTHS, random_encoder  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
 from optim import GuardedAdamW, make_optimizer  # noqa: E402
-from train import Prepare, TrainState, train_step  # noqa: E402
+from train_step import Prepare, TrainState, train_step  # noqa: E402
 
 
 
@@ -165,7 +165,7 @@ def make_batch(args, z, device, with_images):
 def build_variant(args, variant, mode, device, encoder_proto, release_mod):
     """A fresh model/optimizer/EMA for one variant; returns (step function, info dict).
 
-    The project's variants run train.py's own ``train_step`` with its TrainState, Prepare and
+    The project's variants run the project's ``train_step`` with its TrainState, Prepare and
     REGObjective, built as train.py builds them; only the release-like baselines have a loop
     of their own (the release's, for comparison)."""
     amp_dtype = autocast_dtype(args.precision)

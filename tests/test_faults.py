@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import checkpoint
+import tracking
 import train
 from checkpoint import CheckpointError, checkpoint_paths
 from conftest import ROOT, train_args
@@ -393,11 +394,11 @@ def test_trackers_continue_from_the_resumed_step(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run = argparse.Namespace(args=argparse.Namespace(report_to="tensorboard", exp_name="e"), exp_dir=str(tmp_path),
                              state=argparse.Namespace(step=7))
-    assert train.tracker_resume(run) == {"tensorboard": {"purge_step": 7}}
+    assert tracking.tracker_resume(run) == {"tensorboard": {"purge_step": 7}}
     run.args.report_to, run.state.step = "wandb", 0
-    first = train.tracker_resume(run)["wandb"]
+    first = tracking.tracker_resume(run)["wandb"]
     assert first["resume"] == "allow" and first["id"] == (tmp_path / "wandb-run-id.txt").read_text()
     run.state.step = 5
-    assert train.tracker_resume(run) == {"wandb": {"name": "e", "resume_from": f"{first['id']}?_step=5"}}
+    assert tracking.tracker_resume(run) == {"wandb": {"name": "e", "resume_from": f"{first['id']}?_step=5"}}
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert train.tracker_resume(run)["wandb"]["id"] == first["id"]
+    assert tracking.tracker_resume(run)["wandb"]["id"] == first["id"]

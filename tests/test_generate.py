@@ -22,8 +22,12 @@ from conftest import ROOT, build_sit, randomize_weights_
 from checkpoint import model_from_checkpoint, load_checkpoint, save_checkpoint
 from samplers import euler_maruyama_sampler
 
+import checkpoint
 import fileio
 import generate
+import samplers
+import sampling
+import shard_store
 from fileio import file_sha256
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5,
@@ -273,7 +277,7 @@ def test_interrupted_run_resumes_and_keeps_written_shards(ckpts, tmp_path, capsy
     full, labels, _ = run(tmp_path / "ref", *argv, "--per-proc-batch-size", 3)
 
     # Interrupt (Ctrl-C) while the second shard is being written.
-    write_shard, calls = generate.write_shard, []
+    write_shard, calls = shard_store.write_shard, []
     def interrupted(*a, **k):  # noqa: E306
         calls.append(a[1])
         if len(calls) == 2:
@@ -371,20 +375,20 @@ def test_class_balanced_labels_pngs_and_bf16(ckpts, tmp_path):
 
 def count_network_calls(monkeypatch) -> list:
     """Patch generate's model loading so every forward of the sampling network is counted."""
-    calls, build = [], generate.model_from_checkpoint
+    calls, build = [], checkpoint.model_from_checkpoint
 
     def counted(*a, **k):
         model = build(*a, **k)
         model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
         return model
-    monkeypatch.setattr(generate, "model_from_checkpoint", counted)
+    monkeypatch.setattr(checkpoint, "model_from_checkpoint", counted)
     return calls
 
 
 def test_sampler_out_of_memory_splits_and_keeps_the_smaller_batch(ckpts, tmp_path, monkeypatch, capsys):
     argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 10, *SDE]
     full, labels, _ = run(tmp_path / "ref", *argv, "--per-proc-batch-size", 10)
-    sample_latents, sizes = generate.sample_latents, []
+    sample_latents, sizes = sampling.sample_latents, []
     def small_memory(model, indices, *a, **k):  # noqa: E306 - a device that holds 2 images at most
         sizes.append(len(indices))
         if len(indices) > 2:
@@ -501,7 +505,7 @@ def test_parser_spellings_and_defaults():
     d = p.parse_args(["--ckpt", "x.pt"])
     assert (d.cfg_scale, d.num_steps, d.guidance_low, d.guidance_high, d.per_proc_batch_size) == (1.5, 50, 0.0, 1.0, 32)
     assert (d.num_fid_samples, d.seed, d.tf32, d.heun, d.legacy, d.sample_dir) == (50_000, 0, True, False, False, "samples")
-    assert d.precision == "fp32" and d.decode_batch_size == generate.DEFAULT_DECODE_BATCH
+    assert d.precision == "fp32" and d.decode_batch_size == sampling.DEFAULT_DECODE_BATCH
     # resolved from the checkpoint: mode (sde with a class token, else ode), cls-cfg-scale (1.5 with a class token)
     assert d.mode is None and d.cls_cfg_scale is None and d.cls_token_dim is None and d.time_shift is None
     a = p.parse_args(["--ckpt", "x.pt", "--cls=768", "--global-seed", "3", "--mixed-precision", "no",
@@ -565,7 +569,7 @@ def test_legacy_flag_remaps_old_checkpoints(ckpts, tmp_path, capsys):
     samples exactly as the current layout does; without --legacy it is a clear error."""
     sd = {"blocks.0.x": 1, "decoder_blocks.0.attn.qkv.weight": 2, "decoder_blocks.11.mlp.fc1.bias": 3,
           "module.decoder_blocks.2.norm1.weight": 4, "decoder_blocks_extra": 5}
-    assert generate.legacy_state_dict(sd, 8) == {"blocks.0.x": 1, "blocks.8.attn.qkv.weight": 2,
+    assert checkpoint.legacy_state_dict(sd, 8) == {"blocks.0.x": 1, "blocks.8.attn.qkv.weight": 2,
                                                  "blocks.19.mlp.fc1.bias": 3, "module.blocks.10.norm1.weight": 4,
                                                  "decoder_blocks_extra": 5}
     ckpt = torch.load(ckpts["release"], weights_only=False)
@@ -620,7 +624,7 @@ def value_dependent_sampler(model, latents, y, cls_latents=None, noise=None, **_
 
 
 def test_new_stochastic_sampler_resumes_exactly_under_the_release_scheme(ckpts, tmp_path, monkeypatch):
-    monkeypatch.setitem(generate.SAMPLERS, "toy", toy_sampler)
+    monkeypatch.setitem(samplers.SAMPLERS, "toy", toy_sampler)
     argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 5, "--per-proc-batch-size", 2, "--seed-scheme", "release",
             "--mode", "toy", "--num-steps", 3, "--cfg-scale", 1.0]
     full, labels, meta = run(tmp_path, *argv)
@@ -636,14 +640,14 @@ def test_new_stochastic_sampler_resumes_exactly_under_the_release_scheme(ckpts, 
 
     # The test can fail: without the sampler's own replay the resumed batch gets other noise.
     lose_middle_batch()
-    monkeypatch.setattr(generate, "replay_draws", lambda *a, **k: [])
+    monkeypatch.setattr(sampling, "replay_draws", lambda *a, **k: [])
     broken, _, _ = run(tmp_path, *argv)
     np.testing.assert_array_equal(broken[:2], full[:2])
     assert not np.array_equal(broken[2:4], full[2:4])
 
 
 def test_sampler_whose_draws_depend_on_the_network_is_refused_by_the_release_scheme(ckpts, tmp_path, monkeypatch):
-    monkeypatch.setitem(generate.SAMPLERS, "greedy", value_dependent_sampler)
+    monkeypatch.setitem(samplers.SAMPLERS, "greedy", value_dependent_sampler)
     argv = ["--ckpt", ckpts["reg"], "--num-fid-samples", 2, "--per-proc-batch-size", 2, "--mode", "greedy",
             "--cfg-scale", 1.0]
     with pytest.raises(RuntimeError, match="use --seed-scheme per-image"):
@@ -771,10 +775,10 @@ def test_sample_batch_gives_the_cli_images(ckpts, tmp_path):
     from models.autoencoder import Autoencoder
     model = model_from_checkpoint(load_checkpoint(ckpts["ours4"])).train()
     codec = Autoencoder.from_spec(ckpts["vae"])
-    settings = generate.SampleSettings(mode="sde", num_steps=4, cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7,
+    settings = sampling.SampleSettings(mode="sde", num_steps=4, cfg_scale=2.0, cls_cfg_scale=1.5, guidance_high=0.7,
                                        class_balanced=True, seed=0, decode_batch_size=1)
     torch.manual_seed(123)
-    got, got_labels = generate.sample_batch(model, codec, [4, 1], settings)
+    got, got_labels = sampling.sample_batch(model, codec, [4, 1], settings)
     after = torch.rand(1)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(1))                           # global RNG untouched
@@ -783,11 +787,11 @@ def test_sample_batch_gives_the_cli_images(ckpts, tmp_path):
     np.testing.assert_array_equal(got, images[[4, 1]])
     np.testing.assert_array_equal(got_labels, labels[[4, 1]])
     with pytest.raises(ValueError, match="mode 'nope'"):
-        generate.SampleSettings(mode="nope")
+        sampling.SampleSettings(mode="nope")
     with pytest.raises(ValueError, match="precision"):
-        generate.SampleSettings(precision="fp8")
+        sampling.SampleSettings(precision="fp8")
     with pytest.raises(ValueError, match="exceeds the model's 5 classes"):
-        generate.sample_batch(model, codec, [0], dataclasses_replace(settings, num_classes=7))
+        sampling.sample_batch(model, codec, [0], dataclasses_replace(settings, num_classes=7))
 
 
 def dataclasses_replace(obj, **changes):
@@ -806,15 +810,15 @@ def test_per_image_noise_moves_through_pinned_memory(monkeypatch):
         seen.append(torch.device(device).type)
         return real_to_device(t, device)
     monkeypatch.setattr(samplers, "to_device", spy)
-    noise = generate.PerImageNoise(0, [3, 7])
+    noise = sampling.PerImageNoise(0, [3, 7])
     x = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
     a = noise.randn_like(x)
-    g = torch.Generator().manual_seed(generate.image_seed(0, 7))      # image 7's own generator
+    g = torch.Generator().manual_seed(sampling.image_seed(0, 7))      # image 7's own generator
     assert torch.equal(a[1], torch.randn(3, 4, 4, generator=g, dtype=torch.float64))
-    b = generate.PerImageNoise(0, [7]).randn_like(x[:1])               # alone in its batch: the same
+    b = sampling.PerImageNoise(0, [7]).randn_like(x[:1])               # alone in its batch: the same
     assert torch.equal(a[1:], b) and seen == ["cpu", "cpu"]
     if torch.cuda.is_available():
-        c = generate.PerImageNoise(0, [3, 7]).randn_like(x.cuda())
+        c = sampling.PerImageNoise(0, [3, 7]).randn_like(x.cuda())
         assert c.is_cuda and torch.equal(c.cpu(), a)
     else:
         calls = []

@@ -126,10 +126,10 @@ def test_release_eval_sh_runs_unchanged(tmp_path):
     assert metrics["fid_method"] == "lowrank" and metrics["num_samples"] == 4
 
     # The launched, 2-process run made the images the in-process API makes.
-    import generate
+    import sampling
     torch.set_num_threads(1)
-    settings = generate.SampleSettings(mode="sde", num_steps=2, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_high=0.85)
-    got, got_labels = generate.sample_batch(model.eval(), Autoencoder.from_spec(str(vae_dir)), [3, 0], settings)
+    settings = sampling.SampleSettings(mode="sde", num_steps=2, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_high=0.85)
+    got, got_labels = sampling.sample_batch(model.eval(), Autoencoder.from_spec(str(vae_dir)), [3, 0], settings)
     np.testing.assert_array_equal(got, images[[3, 0]])
     np.testing.assert_array_equal(got_labels, labels[[3, 0]])
 

@@ -15,7 +15,9 @@ import torch
 from conftest import ROOT, train_args
 
 import checkpoint  # noqa: E402
+import tracking  # noqa: E402
 import train  # noqa: E402
+import train_step  # noqa: E402
 
 
 @pytest.fixture
@@ -252,11 +254,11 @@ def test_init_from_a_repa_checkpoint_starts_reg_with_fresh_class_token_layers(da
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
-    train.logger.addHandler(handler)
+    tracking.logger.addHandler(handler)
     try:
-        train.init_weights_from(fresh, checkpoint.load_checkpoint(str(release)), str(release))
+        checkpoint.init_weights_from(fresh, checkpoint.load_checkpoint(str(release)), str(release))
     finally:
-        train.logger.removeHandler(handler)
+        tracking.logger.removeHandler(handler)
     ref = create_model("SiT-XS/2", input_size=4, num_classes=10, z_dims=[64], projector_dim=64, encoder_depth=2,
                        cls_token_dim=64)
     for name, value in fresh.state_dict().items():
@@ -324,8 +326,8 @@ def test_route_draws_are_the_same_on_every_process_and_split_by_rows():
     model = create_model("SiT-XS/2", input_size=8, num_classes=10, z_dims=[16], projector_dim=16, encoder_depth=1,
                          cls_token_dim=16, routing="sprint", route_start=1, route_end=3, path_drop=0.5)
     opt = torch.optim.AdamW(model.parameters())
-    one = train.TrainState(model, opt, seed=3, step=7)                          # 1 process, global batch 8
-    ranks = [train.TrainState(model, opt, seed=3, step=7, rank=r, world=2) for r in (0, 1)]
+    one = train_step.TrainState(model, opt, seed=3, step=7)                          # 1 process, global batch 8
+    ranks = [train_step.TrainState(model, opt, seed=3, step=7, rank=r, world=2) for r in (0, 1)]
     whole = one.route(0, 8)
     parts = [s.route(0, 4) for s in ranks]                                      # 2 processes, 4 each
     assert torch.equal(torch.cat([p.keep for p in parts]), whole.keep)

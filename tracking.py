@@ -1,0 +1,136 @@
+"""What a training run writes about itself: the log (stderr and log.txt), metrics.jsonl and the
+trackers (TensorBoard, wandb), and args.json.
+
+``MetricsLog`` sums each step's terms on the device and reduces them across processes every
+--log-every steps (the only host sync of the loop). After a resume the metrics and the trackers
+continue from the resumed step: lines past it are dropped, TensorBoard purges its events past it,
+wandb rewinds its run to it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+
+import torch
+
+from fileio import atomic_open, atomic_write_bytes
+
+logger = logging.getLogger("train")
+
+
+class MetricsLog:
+    """Sums the step's outputs on the device and, every --log-every steps, reduces them across
+    processes (the only host sync), writes one strict-JSON line to metrics.jsonl and the trackers.
+    The grad norm is averaged over finite steps only; ``skipped_steps`` counts the others."""
+
+    def __init__(self, path: str, accelerator, batch_size: int, step: int):
+        self.path, self.acc, self.batch_size = path, accelerator, batch_size
+        self.names, self.sums, self.count, self.t0 = None, None, 0, time.time()
+        if accelerator.is_main_process:
+            truncate_metrics(path, step)
+
+    def add(self, out: dict) -> None:
+        if self.names is None:
+            self.names = [k for k in out if k not in ("grad_norm", "finite")]
+        finite = out["finite"].float()
+        norm = torch.where(out["finite"], out["grad_norm"], torch.zeros_like(out["grad_norm"]))
+        row = torch.stack([out[k] for k in self.names] + [norm, finite, 1 - finite])
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training (an evaluation) out of the step rate."""
+        self.t0 += seconds
+
+    def flush(self, step: int, extra: dict | None = None) -> dict:
+        sums = self.acc.reduce(self.sums, reduction="mean").tolist()           # host sync
+        steps, elapsed = self.count, time.time() - self.t0
+        logs = {k: v / steps for k, v in zip(self.names, sums)}
+        finite_steps = sums[-2]
+        logs["grad_norm"] = sums[-3] / finite_steps if finite_steps > 0 else None
+        logs["skipped_steps"] = int(round(sums[-1]))
+        logs["steps_per_sec"] = steps / elapsed
+        logs["images_per_sec"] = steps * self.batch_size / elapsed
+        logs.update(extra or {})
+        logs = {k: (v if v is None or math.isfinite(v) else None) for k, v in logs.items()}
+        self.acc.log({k: v for k, v in logs.items() if v is not None}, step=step)
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **logs}, allow_nan=False) + "\n")
+        self.sums, self.count, self.t0 = None, 0, time.time()
+        return logs
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop metrics.jsonl lines past ``step`` (left by a run that went on after its last checkpoint),
+    so a resumed curve never loops back."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, "".join(keep).encode())
+
+
+def setup_logging(path: str) -> None:
+    """The run's log to stderr and log.txt (replacing those of an earlier main() in this process)."""
+    for handler in [h for h in logger.handlers if getattr(h, "_train_log", False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    for handler in (logging.StreamHandler(), logging.FileHandler(path)):
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s"))
+        handler._train_log = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def feature_source(run) -> str:
+    if not run.use_features:
+        return "online"
+    return "cached class tokens, patch tokens online" if run.online_encoders else "cached features"
+
+
+def tracker_resume(run) -> dict:
+    """Trackers continue the run from the resumed step: TensorBoard purges events past it, wandb keeps
+    one run id per experiment folder and rewinds it to the step (steps after it are dropped)."""
+    args, step = run.args, run.state.step
+    if args.report_to == "tensorboard":
+        return {"tensorboard": {"purge_step": step}}
+    if args.report_to != "wandb":
+        return {}
+    path = os.path.join(run.exp_dir, "wandb-run-id.txt")
+    existed = os.path.isfile(path)
+    if existed:
+        run_id = open(path).read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        atomic_write_bytes(path, run_id.encode())
+    if step > 0 and existed and os.environ.get("WANDB_MODE") != "offline":
+        return {"wandb": {"name": args.exp_name, "resume_from": f"{run_id}?_step={step}"}}
+    return {"wandb": {"id": run_id, "name": args.exp_name, "resume": "allow"}}
+
+
+def start_logging(run) -> None:
+    args, acc, model = run.args, run.accelerator, run.state.model
+    if not acc.is_main_process:
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"{run.model_name}: {n_params / 1e6:.2f}M parameters; class token: {model.cls_token_dim or 'off'}; "
+                f"projectors: {model.z_dims or 'off'}; encoders: {run.enc_types or 'none'} "
+                f"({feature_source(run)}); {run.world} process(es), "
+                f"{run.local_batch} per micro-batch")
+    config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+    acc.init_trackers("REG", config=config, init_kwargs=tracker_resume(run))
+    with atomic_open(os.path.join(run.exp_dir, "args.json")) as f:
+        f.write(json.dumps(vars(args), indent=2).encode())

@@ -1,0 +1,190 @@
+"""A training run, built: ``build(args, parser)`` returns a namespace holding the dataset, the
+processes (Accelerate), the model, its EMA, optimizer and grad scaler (``run.state``), the
+objective and the batch preparation, the checkpointer and what resume restores (RNG states, data
+position). Every failure is one clear line through ``parser.error``, before anything heavy runs
+where it can be.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import os
+
+import torch
+
+import cli
+from checkpoint import (Checkpointer, RNGStates, check_data_fits, checkpoint_config, init_weights_from,
+                        read_checkpoint)
+from data_order import DataPosition
+from loss import REGObjective, resolution_shift
+from models.sit import SIT_CONFIGS
+from optim import GuardedAdamW, make_optimizer
+from runtime import Procs, launcher_env, one_line, resolve_device
+from tracking import logger, setup_logging
+from train_step import Prepare, TrainState
+
+
+def build(args, parser):
+    """Everything a run needs, as a namespace; errors are one line through parser.error."""
+    run = argparse.Namespace(args=args)
+    load_data(run, parser)
+    start_processes(run, parser)
+    build_model(run, parser)
+    build_training(run, parser)
+    return run
+
+
+def load_data(run, parser) -> None:
+    """The dataset, and which encoder outputs come from its feature cache: all (a full cache), the
+    class token only (a cls cache; the encoders still run for the patch tokens when aligning), or none."""
+    from dataset import REGDataset
+    from models.encoders import parse_enc_types, weights_record
+
+    args = run.args
+    run.needs_encoder = args.proj_coeff > 0 or args.cls > 0
+    try:
+        run.enc_types = parse_enc_types(args.enc_type) if run.needs_encoder else []
+        weights = {}
+        for name in run.enc_types:       # a cache made with other weights than this run's is refused
+            with contextlib.suppress(OSError, ValueError):
+                weights[name] = weights_record(name)
+        run.dataset = REGDataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
+                                 skip_bad=args.skip_bad_samples,
+                                 use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if run.dataset.resolution != args.resolution:
+        parser.error(f"--resolution {args.resolution} does not match the data in {args.data_dir} ({run.dataset.resolution})")
+    kind = run.dataset.feature_kind if run.needs_encoder else "none"
+    run.use_features = kind != "none"
+    run.online_encoders = run.needs_encoder and (kind == "none" or (kind == "cls" and args.proj_coeff > 0))
+
+
+def start_processes(run, parser) -> None:
+    """One data-parallel job on whatever device exists (gloo when there is no GPU), never independent
+    copies; a generous collective timeout, so a slow checkpoint write cannot abort it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+
+    args = run.args
+    _, world_env, local_rank = launcher_env()
+    device = resolve_device(args.device, local_rank, world_env)       # checked in check_args
+    pinned_device = world_env == 1 and device.type == "cuda" and args.device and ":" in args.device
+    if pinned_device:
+        os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)           # one process on the GPU asked for
+    run.exp_dir = os.path.join(args.output_dir, args.exp_name)
+    run.accelerator = acc = Accelerator(
+        gradient_accumulation_steps=1, mixed_precision="no", cpu=device.type == "cpu",
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=run.exp_dir, logging_dir=os.path.join(run.exp_dir, args.logging_dir)),
+        # Every parameter gets a gradient at every step: no unused-parameter search, and a static
+        # graph lets DDP reuse its bucket order (it does not support no_sync, i.e. accumulation).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
+                                                       static_graph=args.gradient_accumulation_steps == 1),
+                         InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
+    )
+    if pinned_device:
+        del os.environ["ACCELERATE_TORCH_DEVICE"]
+    if acc.num_processes != world_env:
+        parser.error(f"the launcher started {world_env} processes but only {acc.num_processes} joined the job; "
+                     "check the launcher's settings (--cpu / --device)")
+    run.device, run.world, run.rank = acc.device, acc.num_processes, acc.process_index
+    run.procs = Procs.joined(acc.process_index, acc.num_processes, acc.local_process_index, acc.device)
+    run.local_batch, rem = divmod(args.batch_size, run.world * args.gradient_accumulation_steps)
+    if rem or run.local_batch == 0:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by processes x accumulation steps "
+                     f"({run.world} x {args.gradient_accumulation_steps})")
+    run.ckpt_dir = os.path.join(run.exp_dir, "checkpoints")
+    if acc.is_main_process:
+        try:
+            os.makedirs(run.ckpt_dir, exist_ok=True)
+            probe = os.path.join(run.ckpt_dir, ".write-test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            parser.error(f"cannot write to {run.ckpt_dir} ({one_line(e)}); choose a writable --output-dir")
+        setup_logging(os.path.join(run.exp_dir, "log.txt"))
+    cli.set_tf32(args.tf32 and run.device.type == "cuda")
+    run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info)
+
+
+def build_model(run, parser) -> None:
+    """The encoders that must run online, and the SiT: its architecture from --resume-from's
+    checkpoint when given, else from the flags; the token counts are checked before anything heavy."""
+    from models.encoders import check_token_count, load_encoders
+    from models.sit import SiT, create_model
+
+    args, dataset, acc = run.args, run.dataset, run.accelerator
+    channels, size = dataset.latent_shape[0] // 2, dataset.latent_shape[-1]
+    patch = SIT_CONFIGS[args.model][3]
+    if args.proj_coeff > 0 and not args.resume_from:
+        try:
+            check_token_count(run.enc_types, args.resolution, (size // patch) ** 2)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        with acc.local_main_process_first():  # a download (torch.hub) once per node, then the others read it
+            run.encoders = load_encoders(run.enc_types, args.resolution, run.device) if run.online_encoders else []
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    z_dims = ([dataset.encoder_widths[e] for e in run.enc_types] if run.use_features
+              else [e.embed_dim for e in run.encoders])
+    config = dict(input_size=size, in_channels=channels, num_classes=args.num_classes or dataset.num_classes,
+                  class_dropout_prob=args.cfg_prob, z_dims=z_dims if args.proj_coeff > 0 else [],
+                  projector_dim=args.projector_dim, encoder_depth=args.encoder_depth,
+                  cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn,
+                  norm=args.norm, rope=args.rope, pos_embed=args.pos_embed, value_residual=args.value_residual,
+                  routing=args.routing, route_start=args.route_start, route_end=args.route_end,
+                  route_drop=args.route_drop, path_drop=args.path_drop)
+    run.resume_ckpt = None
+    if args.resume_from:
+        run.resume_ckpt = read_checkpoint(args.resume_from, parser)
+        config = checkpoint_config(run.resume_ckpt, fused_attn=args.fused_attn)
+        check_data_fits(config, z_dims, channels, size, args.resume_from, parser)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    try:
+        run.model = SiT(**config) if args.resume_from else create_model(args.model, **config)
+    except ValueError as e:
+        parser.error(str(e))
+    run.model.grad_checkpointing = args.grad_checkpointing
+    if args.init_from:
+        init_weights_from(run.model, read_checkpoint(args.init_from, parser), args.init_from)
+    run.model_name = run.resume_ckpt.get("model_name", args.model) if args.resume_from else args.model
+    run.latent_shape = (channels, size, size)
+
+
+def build_training(run, parser) -> None:
+    """EMA (on the saving process), optimizer (under the non-finite guard), grad scaler, DDP, the
+    objective and the batch preparation."""
+    args, acc, model = run.args, run.accelerator, run.model
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if acc.is_main_process else None  # an exact copy
+    model.to(run.device)
+    if ema is not None:
+        ema.to(run.device)
+    try:
+        optimizer = make_optimizer(model.parameters(), args.adam_impl, lr=args.learning_rate,
+                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                   eps=args.adam_epsilon)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.nonfinite == "skip":
+        optimizer = GuardedAdamW(optimizer)
+    if args.compile:
+        # Before DDP wraps the model; in place, so state-dict keys (and checkpoints) are unchanged.
+        model.compile_blocks()
+        for enc in run.encoders:
+            enc.compile()
+    run.state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
+                           scaler=torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16"),
+                           forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
+                           seed=args.seed, rank=run.rank, world=run.world)
+    shift = resolution_shift(run.latent_shape, args.shift_base) if args.time_shift else 1.0
+    run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
+                                 weighting=args.weighting, prediction=args.prediction, time_shift=shift,
+                                 cfm_coeff=args.cfm_coeff)
+    run.prepare = Prepare(model, run.device, run.dataset.latent_scale, run.dataset.latent_bias, run.encoders,
+                          run.use_features, autocast=run.state.autocast)
+    run.rng = RNGStates(run.procs.gather, run.rank, run.world, run.device)
+    run.data_position = DataPosition(run.state, args.gradient_accumulation_steps, run.world, run.local_batch, args.seed)
