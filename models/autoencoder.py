@@ -482,7 +482,9 @@ def decoder_for(identity_or_spec, vae: str | None = None, vae_path: str | None =
     """
     ident = identity_or_spec if isinstance(identity_or_spec, dict) else codec_identity(identity_or_spec)
     family, spec, source = ident.get("family"), ident.get("spec"), ident.get("source")
-    if family in ("pca", "identity", "random-tiny"):
+    if family == "pca":
+        return _pca_decoder(ident, vae, vae_path)
+    if family in ("identity", "random-tiny"):
         if vae is not None or vae_path is not None:
             flag = "--vae" if vae is not None else "--vae-path"
             raise ValueError(f"{flag}: these latents were made by {spec!r}, which decodes with itself; drop {flag}")
@@ -514,6 +516,28 @@ def decoder_for(identity_or_spec, vae: str | None = None, vae_path: str | None =
         raise FileNotFoundError(f"these latents were made by the autoencoder at {source}, which no longer exists; "
                                 f"point --vae-path at a copy of it (or --vae ema|mse for SD-VAE latents)")
     return spec
+
+
+def _pca_decoder(ident: dict, vae: str | None, vae_path: str | None) -> str:
+    """A PCA codec decodes with its own file, or with a copy of it at ``vae_path`` (a dataset or
+    checkpoint moved to another machine): the copy must have the recorded channels and factor."""
+    source = ident.get("source")
+    if vae is not None:
+        raise ValueError(f"--vae {vae}: these latents were made by the PCA codec {source}, not an SD-VAE; drop "
+                         "--vae (give --vae-path with a copy of the codec file if it has moved)")
+    if vae_path is None:
+        if source and not os.path.isfile(source):
+            raise FileNotFoundError(f"these latents were made by the PCA codec {source}, which no longer exists; "
+                                    "point --vae-path at a copy of that file")
+        return ident["spec"]
+    path = os.path.abspath(os.path.expanduser(vae_path.removeprefix(PCA_PREFIX)))
+    st = _load_patch_pca(path)
+    want = (ident.get("latent_channels"), ident.get("downsample"))
+    got = (int(st["channels"]), int(st["factor"]))
+    if None not in want and got != want:
+        raise ValueError(f"--vae-path {path} is a {got[0]}-channel /{got[1]} PCA codec but these latents are "
+                         f"{want[0]}-channel /{want[1]} ({source})")
+    return PCA_PREFIX + path
 
 
 #################################################################################

@@ -221,3 +221,24 @@ def test_old_manifest_without_identity_still_reads(tmp_path):
         "num_classes": 1, "resolution": 16}))
     ds = REGDataset(str(data), use_features=False, load_images=False)
     assert ds.codec_identity["family"] == "sd-vae" and decoder_for(ds.codec_identity) == "ema"
+
+
+def test_moved_pca_codec_decodes_with_a_copy_given_by_vae_path(tmp_path):
+    # A dataset made with the PCA codec, then moved (the recorded file is gone): issue 26, row 7.
+    state = fit_patch_pca([torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)], factor=4, channels=3)
+    torch.save(state, tmp_path / "pca.pt")
+    ident = codec_identity(f"pca:{tmp_path / 'pca.pt'}")
+    os.makedirs(tmp_path / "moved")
+    os.rename(tmp_path / "pca.pt", tmp_path / "moved" / "pca.pt")
+    with pytest.raises(FileNotFoundError, match="no longer exists; point --vae-path at a copy") as e:
+        decoder_for(ident)
+    assert "\n" not in str(e.value) and "fit-pca" not in str(e.value)      # one hint, not two that disagree
+    copy = str(tmp_path / "moved" / "pca.pt")
+    assert decoder_for(ident, vae_path=copy) == f"pca:{copy}"
+    assert Autoencoder.from_spec(decoder_for(ident, vae_path=copy)).latent_channels == 3
+    # a copy of another codec is refused with the numbers; --vae (an SD-VAE) is refused for PCA latents
+    torch.save(fit_patch_pca([torch.zeros(1, 3, 8, 8, dtype=torch.uint8)], factor=4, channels=1), tmp_path / "o.pt")
+    with pytest.raises(ValueError, match="1-channel /4 PCA codec but these latents are 3-channel /4"):
+        decoder_for(ident, vae_path=str(tmp_path / "o.pt"))
+    with pytest.raises(ValueError, match="not an SD-VAE; drop --vae"):
+        decoder_for(ident, vae="ema")
