@@ -26,13 +26,13 @@ def autocast_dtype(precision: str):
 
 
 class RankZeroParser(argparse.ArgumentParser):
-    """argparse whose usage errors are printed by rank 0 only (every rank exits with status 2),
-    so a bad flag under torchrun gives one message, not one per process."""
+    """argparse whose errors are one line, printed by rank 0 only (every rank exits with status 2),
+    so a bad flag under torchrun gives one message, not one per process, and not argparse's usage
+    block (50 lines of flags) before the line that matters."""
 
     def error(self, message):
         if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            sys.stderr.write(f"{self.prog}: error: {message}\n")
+            sys.stderr.write(f"{self.prog}: error: {message} (all flags: {self.prog} --help)\n")
         raise SystemExit(2)
 
 

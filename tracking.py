@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
 import os
+import socket
 import time
+import urllib.parse
 import uuid
 
 import torch
@@ -116,9 +119,41 @@ def tracker_resume(run) -> dict:
     else:
         run_id = uuid.uuid4().hex[:12]
         atomic_write_bytes(path, run_id.encode())
+    where = {"dir": run.exp_dir}                  # its files in the run folder, not ./wandb in the working directory
     if step > 0 and existed and os.environ.get("WANDB_MODE") != "offline":
-        return {"wandb": {"name": args.exp_name, "resume_from": f"{run_id}?_step={step}"}}
-    return {"wandb": {"id": run_id, "name": args.exp_name, "resume": "allow"}}
+        return {"wandb": {"name": args.exp_name, "resume_from": f"{run_id}?_step={step}", **where}}
+    return {"wandb": {"id": run_id, "name": args.exp_name, "resume": "allow", **where}}
+
+
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
+
+
+def tracker_problem(report_to: str, probe_timeout: float = 5.0) -> str | None:
+    """One line if the tracker cannot work, checked before anything is built: wandb online needs a
+    login and a reachable server (otherwise it waits minutes, then fails with a traceback)."""
+    if report_to != "wandb" or os.environ.get("WANDB_MODE", "").lower() in WANDB_LOCAL_MODES:
+        return None
+    fix = "set WANDB_MODE=offline (logs locally; `wandb sync` later) or use --report-to tensorboard"
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return f"--report-to wandb needs the wandb package (pip install wandb); or {fix}"
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host = url.hostname or "api.wandb.ai"
+    if not (os.environ.get("WANDB_API_KEY") or _netrc_login(host)):
+        return f"--report-to wandb: not logged in to wandb (no WANDB_API_KEY, no `wandb login`); log in, or {fix}"
+    try:
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=probe_timeout).close()
+    except OSError as e:
+        return f"--report-to wandb: cannot reach the wandb server {host} ({e.strerror or type(e).__name__}); {fix}"
+    return None
+
+
+def _netrc_login(host: str) -> bool:
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def start_logging(run) -> None:

@@ -31,7 +31,7 @@ from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS
 from models.sit import SIT_CONFIGS, SiT_models
 from optim import ADAM_IMPLS, GuardedAdamW
 from runtime import DEFAULT_TIMEOUT_MIN, forget_process_state, last_line, launcher_env, resolve_device
-from tracking import MetricsLog, logger, start_logging
+from tracking import MetricsLog, logger, start_logging, tracker_problem
 from train_step import train_step
 from training_run import build
 
@@ -217,6 +217,9 @@ def check_args(args, parser):
         resolve_device(args.device, local_rank, world)
     except ValueError as e:
         parser.error(str(e))
+    problem = tracker_problem(args.report_to)       # last: it may ask the wandb server
+    if problem:
+        parser.error(problem)
 
 
 #################################################################################

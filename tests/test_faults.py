@@ -399,6 +399,30 @@ def test_trackers_continue_from_the_resumed_step(tmp_path, monkeypatch):
     first = tracking.tracker_resume(run)["wandb"]
     assert first["resume"] == "allow" and first["id"] == (tmp_path / "wandb-run-id.txt").read_text()
     run.state.step = 5
-    assert tracking.tracker_resume(run) == {"wandb": {"name": "e", "resume_from": f"{first['id']}?_step=5"}}
+    assert tracking.tracker_resume(run) == {"wandb": {"name": "e", "resume_from": f"{first['id']}?_step=5",
+                                                      "dir": str(tmp_path)}}
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert tracking.tracker_resume(run)["wandb"]["id"] == first["id"]
+
+
+def test_wandb_without_login_or_network_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """Issue 26, row 8: --report-to wandb without a login (or with a key and no server) stops at once with one
+    line naming WANDB_MODE=offline and --report-to tensorboard, before the run folder is made."""
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = ["--data-dir", str(data), "--output-dir", str(tmp_path / "exps"), "--exp-name", "w", "--report-to", "wandb"]
+    for key in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))                  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # stands in for an unreachable server
+    for key, expect in ((None, "not logged in to wandb"), ("k" * 40, "cannot reach the wandb server 127.0.0.1")):
+        if key:
+            monkeypatch.setenv("WANDB_API_KEY", key)
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and expect in err and len(err.splitlines()) == 1, err
+        assert "WANDB_MODE=offline" in err and "--report-to tensorboard" in err
+    assert not (tmp_path / "exps").exists() and not os.path.exists("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")                # offline needs neither
+    assert tracking.tracker_problem("wandb") is None
