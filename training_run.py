@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import copy
 import datetime
+import errno
 import os
+import shutil
 
 import torch
 
@@ -96,15 +98,14 @@ def start_processes(run, parser) -> None:
     if rem or run.local_batch == 0:
         parser.error(f"--batch-size {args.batch_size} is not divisible by processes x accumulation steps "
                      f"({run.world} x {args.gradient_accumulation_steps})")
+    if len(run.dataset) < run.local_batch * run.world:       # before anything is written
+        parser.error(f"one micro-batch of all processes ({run.local_batch * run.world} samples) is larger than the "
+                     f"dataset in {args.data_dir} ({len(run.dataset)} samples); lower --batch-size")
     run.ckpt_dir = os.path.join(run.exp_dir, "checkpoints")
     if acc.is_main_process:
-        try:
-            os.makedirs(run.ckpt_dir, exist_ok=True)
-            probe = os.path.join(run.ckpt_dir, ".write-test")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            parser.error(f"cannot write to {run.ckpt_dir} ({one_line(e)}); choose a writable --output-dir")
+        problem = write_problem(run.ckpt_dir)
+        if problem:
+            parser.error(problem)
         setup_logging(os.path.join(run.exp_dir, "log.txt"))
     cli.set_tf32(args.tf32 and run.device.type == "cuda")
     run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info)
@@ -188,3 +189,28 @@ def build_training(run, parser) -> None:
                           run.use_features, autocast=run.state.autocast)
     run.rng = RNGStates(run.procs.gather, run.rank, run.world, run.device)
     run.data_position = DataPosition(run.state, args.gradient_accumulation_steps, run.world, run.local_batch, args.seed)
+
+
+PROBE_BYTES = 1 << 20   # a full disk still lets an empty file be created: the probe writes real bytes
+
+
+def write_problem(folder: str) -> str | None:
+    """One line if the run cannot write its folder (missing permissions, read-only, full disk or
+    quota), found before training starts rather than at the first save; None when it can."""
+    probe = os.path.join(folder, ".write-test")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0.0
+            return (f"the disk of {folder} is full ({e.strerror}; {free:.1f} MiB free); free space or choose "
+                    "another --output-dir")
+        return f"cannot write to {folder} ({one_line(e)}); choose a writable --output-dir"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None

@@ -426,3 +426,40 @@ def test_wandb_without_login_or_network_is_one_line_before_training(tmp_path, mo
     assert not (tmp_path / "exps").exists() and not os.path.exists("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")                # offline needs neither
     assert tracking.tracker_problem("wandb") is None
+
+
+def test_a_batch_larger_than_the_dataset_is_one_line_before_the_run_folder(digits_data, tmp_path, capsys):
+    """Issue 26, row 9: 100 digits, a global batch of 128 -> one line naming both numbers; nothing written."""
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(digits_data, tmp_path, "big", 1, batch_size=128))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "(128 samples) is larger than the dataset" in err and "(100 samples)" in err
+    assert not (tmp_path / "big").exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs filled to the last byte (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with open(mnt / "filler", "wb", buffering=0) as f:
+            with pytest.raises(OSError):
+                while True:
+                    f.write(bytes(4096))
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_disk_already_full_at_start_is_one_line(digits_data, full_disk, capsys):
+    """Issue 26, row 9: a run whose output disk is full stops before training with one line, not an OSError
+    traceback at the first write."""
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(digits_data, full_disk, "run", 1))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "is full (No space left on device" in err and "--output-dir" in err
