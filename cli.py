@@ -36,6 +36,23 @@ class RankZeroParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default exactly once: appended as "(default: X)", unless the help
+    text already says what the default is (one that depends on something else, like "default:
+    from the dataset"); flags without help text show their default too."""
+
+    def _format_action(self, action):
+        if action.help is None and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def precision(value: str) -> str:
     """'no'/'fp32' -> 'fp32'; 'fp16'; 'bf16'."""
     try:

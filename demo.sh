@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole REG pipeline on a laptop CPU in about seven minutes, with no downloads:
+# The whole REG pipeline on a laptop CPU in about four minutes (2 cores), with no downloads:
 #   scikit-learn's bundled handwritten digits -> preprocessing -> train.py -> generate.py -> evaluation.
 # demo/pipeline.py runs each stage through the project's own entry points and prints the command
 # line of each; stand-ins (a PCA patch codec for the SD-VAE, a random tiny ViT for DINOv2, random

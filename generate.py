@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_sampling_model
-from cli import RankZeroParser, add_runtime_args, set_tf32
+from cli import DefaultsHelpFormatter, RankZeroParser, add_runtime_args, set_tf32
 from fileio import file_sha256, remove_stale_temp_files
 from loss import PATH_TYPES, resolution_shift
 from models.autoencoder import VAE_ALIASES, Autoencoder, decoder_for
@@ -65,7 +65,7 @@ def _batch_size(s: str):
 
 def build_parser() -> RankZeroParser:
     p = RankZeroParser(prog="generate.py", description=__doc__.split("\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     b = argparse.BooleanOptionalAction
 
     g = p.add_argument_group("checkpoint (the architecture comes from it; these flags are checked against it)")

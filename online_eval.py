@@ -204,14 +204,7 @@ def write_grid(run, codec, grid_inputs) -> None:
                       path_type=args.path_type, cls_latents=inputs["cls_latents"], cls_cfg_scale=cfg,
                       time_shift=run.objective.loss.time_shift)     # the grid the model was trained on
     images = codec.to_uint8(codec.decode(x.float())).cpu().numpy()          # (N, H, W, 3)
-    n = images.shape[0]
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    h, w = images.shape[1:3]
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    grid = image_grid(images, cols=int(math.ceil(math.sqrt(len(images)))))
     path = os.path.join(run.exp_dir, "samples", f"{step:07d}.png")
     with atomic_open(path) as f:
         Image.fromarray(grid).save(f, format="PNG")
@@ -222,3 +215,14 @@ def write_grid(run, codec, grid_inputs) -> None:
             import wandb
             tracker.log({"ema_samples": wandb.Image(grid)}, step=step)
     logger.info(f"saved EMA samples {path}")
+
+
+GRID_GAP, GRID_GAP_GREY = 2, 128  # pixels between cells, mid-grey: no stroke runs into the next cell
+
+
+def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one uint8 image of ``cols`` columns, cells GRID_GAP pixels apart."""
+    from torchvision.utils import make_grid
+
+    cells = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)        # (N, 3, H, W)
+    return make_grid(cells, nrow=cols, padding=GRID_GAP, pad_value=GRID_GAP_GREY).permute(1, 2, 0).numpy()

@@ -42,7 +42,7 @@ from training_run import build
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.RankZeroParser(prog="train.py", description="Train SiT with REG / REPA.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=cli.DefaultsHelpFormatter)
     for add in (_logging_args, _model_args, _options_args, _data_args, _runtime_args, _optimisation_args,
                 _loss_args, _grid_args, online_eval.add_args):
         add(p)

@@ -30,11 +30,17 @@ DATA_DIR=${DATA_DIR:-data/imagenet256}
 OUTPUT_DIR=${OUTPUT_DIR:-exps}
 EXP_NAME=${EXP_NAME:-${PRESET:-linear-dinov2-b-enc${ENCODER_DEPTH}-$(echo "$MODEL" | tr '/' '-' | tr 'A-Z' 'a-z')}}
 CHECKPOINTING_STEPS=${CHECKPOINTING_STEPS:-10000}
-REPORT_TO=${REPORT_TO:-wandb}               # wandb | tensorboard | none
+REPORT_TO=${REPORT_TO:-tensorboard}         # tensorboard (works offline) | wandb (needs a login or WANDB_MODE=offline) | none
 NUM_WORKERS=${NUM_WORKERS:-8}
 EXTRA_ARGS=${EXTRA_ARGS:-}                  # e.g. "--keep-last 5 --compile --fid-every 50000"
 
-NUM_GPUS=${NUM_GPUS:-8}                     # per node
+if [[ -z "${NUM_GPUS:-}" ]]; then             # per node; default: the GPUs this node has
+    NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if [[ "$NUM_GPUS" -eq 0 ]]; then
+        echo "train.sh: no GPU found: one process on the CPU (set NUM_GPUS to override)" >&2
+        NUM_GPUS=1
+    fi
+fi
 NUM_NODES=${NUM_NODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
@@ -50,6 +56,11 @@ fi
 declare -A FLAG=([MODEL]=--model [ENC_TYPE]=--enc-type [ENCODER_DEPTH]=--encoder-depth [PROJ_COEFF]=--proj-coeff
                  [CLS]=--cls [BATCH_SIZE]=--batch-size [MAX_TRAIN_STEPS]=--max-train-steps
                  [MIXED_PRECISION]=--mixed-precision)
+if [[ ! -d "$DATA_DIR" ]]; then            # before starting a process per GPU, each of which would say so
+    echo "train.sh: DATA_DIR $DATA_DIR does not exist; prepare it with preprocessing/dataset_tools.py" \
+         "(README, 'Data preparation') or set DATA_DIR" >&2
+    exit 2
+fi
 args=()
 if [[ -n "$PRESET" ]]; then
     mapfile -t preset < <("$PYTHON" presets.py train "$PRESET")

@@ -12,15 +12,16 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluations.digits import fit_reader, load_digits_data, to_digits_format  # noqa: E402
 from fileio import atomic_write_json  # noqa: E402
+from online_eval import image_grid  # noqa: E402
 
 
 def class_grid(images, labels, per_class=10):
-    rows = []
+    """Row k: the first ``per_class`` images sampled for digit k (black cells where there are fewer)."""
+    cells = []
     for c in range(10):
         picks = images[labels == c][:per_class]
-        pad = np.zeros((per_class - len(picks),) + images.shape[1:], dtype=np.uint8)
-        rows.append(np.concatenate(list(np.concatenate([picks, pad])), axis=1))
-    return np.concatenate(rows, axis=0)
+        cells += [picks, np.zeros((per_class - len(picks),) + images.shape[1:], dtype=np.uint8)]
+    return image_grid(np.concatenate(cells), cols=per_class)
 
 
 def main(argv=None):

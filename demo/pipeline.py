@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def up_to_date(target: str, *sources: str) -> bool:
+    """A finished rerun skips a stage whose output is newer than its inputs (and says so)."""
+    done = os.path.isfile(target) and all(os.path.getmtime(target) >= os.path.getmtime(s) for s in sources)
+    if done:
+        print(f"(up to date: {target})", flush=True)
+    return done
+
+
 def stage(title: str) -> None:
     print(f"== {title}", flush=True)
 
@@ -109,7 +117,8 @@ def main(argv=None) -> dict:
     tag = "" if args.exp_name == "reg-digits" else f"_{args.exp_name}"
     accuracy_json = os.path.join(out, f"digit_accuracy{tag}.json")
     grid = os.path.join(out, f"samples_by_class{tag}.png")
-    call(digit_accuracy.main, [samples, "--out-json", accuracy_json, "--out-grid", grid], "demo/digit_accuracy.py")
+    if not up_to_date(accuracy_json, samples) or not up_to_date(grid, samples):
+        call(digit_accuracy.main, [samples, "--out-json", accuracy_json, "--out-grid", grid], "demo/digit_accuracy.py")
     weights = os.path.join(out, "inception-RANDOM.pth")
     if not os.path.isfile(weights):
         save_random_weights(weights)
@@ -119,18 +128,23 @@ def main(argv=None) -> dict:
                               min(args.eval_images, args.max_images or args.eval_images), "--no-stats"],
              "evaluations/reference.py")
     subset = os.path.join(out, f"samples_eval{tag}.npz")
-    with np.load(samples) as f:
-        atomic_save_npz(subset, arr_0=f["arr_0"][:args.eval_images])
-    call(evaluator.main, [ref, subset, "--inception-weights", weights, "--fid-method", "lowrank", "--device", "cpu"],
-         "evaluations/evaluator.py")
+    if not up_to_date(subset, samples):
+        with np.load(samples) as f:
+            atomic_save_npz(subset, arr_0=f["arr_0"][:args.eval_images])
+    metrics = subset.removesuffix(".npz") + ".metrics.json"
+    if not up_to_date(metrics, subset, ref, weights):
+        call(evaluator.main, [ref, subset, "--inception-weights", weights, "--fid-method", "lowrank", "--device",
+                              "cpu"], "evaluations/evaluator.py")
 
     stage("6/6 loss curve")
     curve = os.path.join(out, f"loss_curve{tag}.png")
-    call(plot_loss.main, [os.path.join(exp, "metrics.jsonl"), "--out", curve], "demo/plot_loss.py")
+    history = os.path.join(exp, "metrics.jsonl")
+    if not up_to_date(curve, history):
+        call(plot_loss.main, [history, "--out", curve], "demo/plot_loss.py")
 
     paths = {"checkpoint": ckpt, "samples by class": grid + "   (row k = digit k)",
              "EMA sample grids": os.path.join(exp, "samples") + "/", "digit accuracy": accuracy_json,
-             "ADM metrics": subset.removesuffix(".npz") + ".metrics.json   (RANDOM Inception weights: pipeline check only)",
+             "ADM metrics": metrics + "   (RANDOM Inception weights: pipeline check only)",
              "loss curve": curve}
     print()
     for name, path in paths.items():

@@ -576,12 +576,12 @@ def _missing_weights(spec: EncoderSpec) -> FileNotFoundError:
     if spec.url is None:
         return FileNotFoundError(
             f"encoder {spec.name!r} has no published weights: train one, save it with "
-            f"models.encoders.save_official_layout(model, '{spec.weights_file}') and pass --enc-weights FILE "
-            f"or {env}=FILE_OR_FOLDER")
+            f"models.encoders.save_official_layout(model, '{spec.weights_file}') and set {env}=FILE_OR_FOLDER "
+            "(dataset_tools.py also takes --enc-weights FILE)")
     repa = f" (or REPA's name {spec.repa_file})" if spec.repa_file else ""
     return FileNotFoundError(
         f"encoder {spec.name!r} needs its weights offline: supply {spec.weights_file}{repa}, published at "
-        f"{spec.url}, with --enc-weights FILE or {env}=FILE_OR_FOLDER")
+        f"{spec.url}, with {env}=FILE_OR_FOLDER (dataset_tools.py also takes --enc-weights FILE)")
 
 
 def resolve_weights(name: str, local_path: str | None = None) -> WeightsSource:
@@ -748,8 +748,8 @@ def _hub_model(spec: EncoderSpec, repo_or_dir: str, source: str, resolution: int
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
             f"could not load encoder {spec.name!r} (torch.hub {HUB_REPO}:{spec.hub_model}): {text}. "
-            f"Offline? point --enc-weights or {ENV_WEIGHTS} at {spec.weights_file} (or a folder "
-            f"holding it), or {ENV_REPO} at a local clone of {HUB_REPO} with its weights cached") from e
+            f"Offline? point {ENV_WEIGHTS} at {spec.weights_file} (or a folder holding it; dataset_tools.py "
+            f"also takes --enc-weights FILE), or {ENV_REPO} at a local clone of {HUB_REPO} with its weights cached") from e
     model.head = nn.Identity()
     grid = spec.grid(resolution)
     # Release: the hub's 37x37 absolute embedding resampled once (bicubic, antialias, class row kept).

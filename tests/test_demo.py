@@ -82,6 +82,8 @@ def test_demo_sh_runs_and_a_rerun_reuses_everything(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stderr + again.stdout
+    # a finished rerun reuses the evaluations too (issue 26: it reran the evaluator, ~45 s)
+    assert "$ python evaluations/evaluator.py" not in again.stdout and "(up to date:" in again.stdout
     assert (out / "samples" / "reg-digits.npz").read_bytes() == before
 
 

@@ -361,8 +361,10 @@ def test_encoder_missing_weights_and_bad_input(tmp_path, monkeypatch):
     (repo / "hubconf.py").write_text(HUBCONF.replace("{fail}", "True"))
     monkeypatch.setenv("REG_DINOV2_REPO", str(repo))
     monkeypatch.delenv("REG_DINOV2_WEIGHTS", raising=False)
-    with pytest.raises(FileNotFoundError, match="dinov2_vits14_pretrain.pth.*REG_DINOV2_REPO|REG_DINOV2_WEIGHTS"):
+    with pytest.raises(FileNotFoundError, match="dinov2_vits14_pretrain.pth.*REG_DINOV2_REPO|REG_DINOV2_WEIGHTS") as e:
         load_encoders("dinov2-vit-s", 256)
+    # train.py has no --enc-weights: the message names the variable, and the flag only for dataset_tools.py
+    assert "--enc-weights" not in str(e.value).replace("dataset_tools.py also takes --enc-weights", "")
     monkeypatch.setenv("REG_DINOV2_REPO", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no hubconf.py"):
         load_encoders("dinov2-vit-s", 256)
