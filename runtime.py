@@ -56,6 +56,22 @@ def resolve_device(flag: str | None, local_rank: int, world_size: int) -> torch.
     return device
 
 
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files (ulimit -n) to its hard limit, which needs no
+    privilege: loader workers inherit it. Returns (soft, hard) after, or None where there are no
+    such limits (Windows) or the call is refused."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            # macOS refuses RLIM_INFINITY for files: its own ceiling instead
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return None
+
+
 class Procs:
     """Rank, world size and device of this process, and the collectives the scripts need."""
 

@@ -37,7 +37,7 @@ from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS, REGObjective, resolution_s
 from models.autoencoder import sample_latents
 from models.sit import SIT_CONFIGS, SiT_models, complete_config
 from optim import ADAM_IMPLS, GuardedAdamW, make_optimizer, update_ema
-from runtime import DEFAULT_TIMEOUT_MIN, launcher_env, one_line, resolve_device
+from runtime import DEFAULT_TIMEOUT_MIN, launcher_env, one_line, raise_open_file_limit, resolve_device
 
 logger = logging.getLogger("train")
 
@@ -127,6 +127,9 @@ def _data_args(p) -> None:
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="replace a damaged sample by the next readable one (warned once; the same on every "
                         "process and rerun, so resume stays exact) instead of stopping with its file named")
+    g.add_argument("--allow-partial-data", action="store_true",
+                   help="train although the data lists fewer items than its manifests record (default: stop with "
+                        "both numbers)")
 
 
 def _runtime_args(p) -> None:
@@ -516,6 +519,7 @@ def load_data(run, parser) -> None:
     from models.encoders import parse_enc_types, weights_record
 
     args = run.args
+    raise_open_file_limit()              # ulimit -n up to the hard limit, for this process and its loader workers
     run.needs_encoder = args.proj_coeff > 0 or args.cls > 0
     try:
         run.enc_types = parse_enc_types(args.enc_type) if run.needs_encoder else []
@@ -524,7 +528,7 @@ def load_data(run, parser) -> None:
             with contextlib.suppress(OSError, ValueError):
                 weights[name] = weights_record(name)
         run.dataset = REGDataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
-                                 skip_bad=args.skip_bad_samples,
+                                 skip_bad=args.skip_bad_samples, allow_partial=args.allow_partial_data,
                                  use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
@@ -1005,6 +1009,8 @@ def start_logging(run) -> None:
                 f"projectors: {model.z_dims or 'off'}; encoders: {run.enc_types or 'none'} "
                 f"({feature_source(run)}); {run.world} process(es), "
                 f"{run.local_batch} per micro-batch")
+    for note in run.dataset.notes:
+        logger.info(note)
     config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
     acc.init_trackers("REG", config=config, init_kwargs=tracker_resume(run))
     with atomic_open(os.path.join(run.exp_dir, "args.json")) as f:
@@ -1046,6 +1052,8 @@ def train(args, parser) -> None:
     try:
         while state.step < args.max_train_steps:
             batches = next_batches(data, args.gradient_accumulation_steps, state.step)
+            for note in run.dataset.skipped_notes(batches):    # replacements made in loader workers
+                logger.warning(note)
             log.add(train_step(state, batches, run.objective, run.prepare))
             progress.update(1)
             check_nonfinite(run)
@@ -1093,16 +1101,16 @@ def build_online_eval(run, parser):
 
 def next_batches(data, n: int, step: int) -> list:
     """The micro-batches of the next step; a damaged file stops the run naming it and the step."""
-    from dataset import DataFileError
+    from dataset import DATA_ERRORS
     try:
         return [next(data) for _ in range(n)]
-    except DataFileError as e:   # raised in a loader worker, its message wrapped in the worker's traceback
-        raise DataFileError(f"{last_line(e)} (while reading the data of step {step + 1})") from None
+    except DATA_ERRORS as e:     # raised in a loader worker, its message wrapped in the worker's traceback
+        raise type(e)(f"{last_line(e)} (while reading the data of step {step + 1})") from None
 
 
 def last_line(e: BaseException) -> str:
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].split("DataFileError: ", 1)[-1] if lines else type(e).__name__
+    return lines[-1].split(f"{type(e).__name__}: ", 1)[-1] if lines else type(e).__name__
 
 
 def check_nonfinite(run, logs: dict | None = None) -> None:
@@ -1122,9 +1130,9 @@ def check_nonfinite(run, logs: dict | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from dataset import DataFileError
+    from dataset import DATA_ERRORS
     try:
         main()
-    except (FloatingPointError, CheckpointError, DataFileError) as e:   # one line, not a traceback
+    except (FloatingPointError, CheckpointError, *DATA_ERRORS) as e:   # one line, not a traceback
         print(f"error: {last_line(e)}", file=sys.stderr)
         sys.exit(1)
