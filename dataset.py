@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from feature_cache import ChecksumError, ChunkReader, chunk_name, nonfinite_count
+from feature_cache import ChecksumError, ChunkReader, nonfinite_count
 from fileio import read_json
 from models.autoencoder import RELEASE_ENCODER, SD_VAE_BIAS, SD_VAE_SCALE, codec_identity
 
