@@ -10,7 +10,9 @@ Reads two on-disk layouts under one ``data_dir`` (details in preprocessing/READM
   next to ``vae-sd/`` (``img-mean-std-XXXXXXXX.npy`` + dataset.json).
 
 Images, latents and features are paired by name, never by sorted position; a missing
-counterpart is an error naming the file. Per-item work is one PNG decode straight to uint8
+counterpart is an error naming the file. Checked while reading (README, 'Checks while training'):
+counts against the manifests, each feature row against its crc32 (feature_cache.py, which also
+bounds the open chunk files), every latent and feature row for NaN/inf. Per-item work is one PNG decode straight to uint8
 (PIL, no float conversion) and one small ``np.load``; file lists are kept in numpy
 byte arrays so forked DataLoader workers do not copy them (no per-string refcounts).
 """
@@ -202,6 +204,8 @@ class REGDataset(Dataset):
     encoder_weights: {name: models.encoders.weights_record(...)} of the encoders this run will
     use; a cache made with other weights is refused. Caches made with preprocessing other than
     the registry's are always refused.
+    skip_bad: replace a damaged or non-finite item by the next readable one (see __getitem__).
+    allow_partial: accept listings shorter than their manifests' counts (noted in ``notes``).
 
     Attributes: num_classes, resolution, latent_shape = moments_shape = (2C, h, w) (one stored
     item), latent_channels = C, autoencoder_spec / latent_scale / latent_bias / codec_identity
@@ -211,7 +215,9 @@ class REGDataset(Dataset):
     Items are dicts: "image" uint8 (3, R, R); "moments" float32 (2C, h, w); "label" int64 ();
     with features, "enc_cls" list of (Z_k,) and, for a full cache, "enc_tokens" list of
     (1 + T, Z_k), one entry per encoder, in the cache's dtype (float16 by default; the default
-    collate stacks each entry).
+    collate stacks each entry); with skip_bad, "skipped" int64 () (the index this item replaces, or -1;
+    skipped_notes turns it into the warning). Read errors: DataFileError (the file, its sample index, the
+    fix) or ResourceLimitError (open files, memory: never replaced by skip_bad).
     """
 
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
