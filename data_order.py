@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dataset import DataFileError
+from dataset import DATA_ERRORS
 from runtime import last_line
 
 logger = logging.getLogger("train")
@@ -81,5 +81,5 @@ def next_batches(data, n: int, step: int) -> list:
     """The micro-batches of the next step; a damaged file stops the run naming it and the step."""
     try:
         return [next(data) for _ in range(n)]
-    except DataFileError as e:   # raised in a loader worker, its message wrapped in the worker's traceback
-        raise DataFileError(f"{last_line(e)} (while reading the data of step {step + 1})") from None
+    except DATA_ERRORS as e:     # raised in a loader worker, its message wrapped in the worker's traceback
+        raise type(e)(f"{last_line(e)} (while reading the data of step {step + 1})") from None

@@ -10,21 +10,24 @@ Reads two on-disk layouts under one ``data_dir`` (details in preprocessing/READM
   next to ``vae-sd/`` (``img-mean-std-XXXXXXXX.npy`` + dataset.json).
 
 Images, latents and features are paired by name, never by sorted position; a missing
-counterpart is an error naming the file. Per-item work is one PNG decode straight to uint8
+counterpart is an error naming the file. Checked while reading (README, 'Checks while training'):
+counts against the manifests, each feature row against its crc32 (feature_cache.py, which also
+bounds the open chunk files), every latent and feature row for NaN/inf. Per-item work is one PNG decode straight to uint8
 (PIL, no float conversion) and one small ``np.load``; file lists are kept in numpy
 byte arrays so forked DataLoader workers do not copy them (no per-string refcounts).
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
-import sys
 
 import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+from feature_cache import ChecksumError, ChunkReader, nonfinite_count
 from fileio import read_json
 from models.autoencoder import RELEASE_ENCODER, SD_VAE_BIAS, SD_VAE_SCALE, codec_identity
 
@@ -147,6 +150,38 @@ class DataFileError(ValueError):
     """A dataset file that cannot be read; the message names it, the step that wrote it, and the fix."""
 
 
+class ResourceLimitError(RuntimeError):
+    """A dataset file that could not be read for want of a resource of this machine (open files,
+    memory): not damage, so never replaced by skip_bad; the message names the limit and the fix."""
+
+
+DATA_ERRORS = (DataFileError, ResourceLimitError)       # what a training loop reports in one line
+
+# errno values of a machine out of a resource, never of a damaged file
+RESOURCE_ERRNOS = {errno.EMFILE: "too many open files in this process",
+                   errno.ENFILE: "too many open files on this machine",
+                   errno.ENOMEM: "out of memory"}
+
+
+def resource_limit_error(path: str, error: BaseException) -> ResourceLimitError | None:
+    """A ResourceLimitError for an error raised while reading path, if it is one (else None)."""
+    if isinstance(error, MemoryError):
+        why = RESOURCE_ERRNOS[errno.ENOMEM]
+    elif isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+        why = RESOURCE_ERRNOS[error.errno]
+    else:
+        return None
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fix = (f"raise the open-file limit (ulimit -n: now {soft}, hard limit {hard}) or use fewer --num-workers"
+               if error.errno == errno.EMFILE else "raise fs.file-max or run fewer processes on this machine")
+    else:
+        fix = "use fewer --num-workers or a smaller --batch-size, or free memory on this machine"
+    return ResourceLimitError(f"cannot read {path}: {why} -- a resource limit of this machine, not damaged "
+                              f"data; {fix}")
+
+
 #################################################################################
 #                                   Dataset                                      #
 #################################################################################
@@ -169,6 +204,8 @@ class REGDataset(Dataset):
     encoder_weights: {name: models.encoders.weights_record(...)} of the encoders this run will
     use; a cache made with other weights is refused. Caches made with preprocessing other than
     the registry's are always refused.
+    skip_bad: replace a damaged or non-finite item by the next readable one (see __getitem__).
+    allow_partial: accept listings shorter than their manifests' counts (noted in ``notes``).
 
     Attributes: num_classes, resolution, latent_shape = moments_shape = (2C, h, w) (one stored
     item), latent_channels = C, autoencoder_spec / latent_scale / latent_bias / codec_identity
@@ -178,12 +215,15 @@ class REGDataset(Dataset):
     Items are dicts: "image" uint8 (3, R, R); "moments" float32 (2C, h, w); "label" int64 ();
     with features, "enc_cls" list of (Z_k,) and, for a full cache, "enc_tokens" list of
     (1 + T, Z_k), one entry per encoder, in the cache's dtype (float16 by default; the default
-    collate stacks each entry).
+    collate stacks each entry); with skip_bad, "skipped" int64 () (the index this item replaces, or -1;
+    skipped_notes turns it into the warning). Read errors: DataFileError (the file, its sample index, the
+    fix) or ResourceLimitError (open files, memory: never replaced by skip_bad).
     """
 
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
                  load_images: bool | None = None, images_dir: str | None = None,
-                 latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False):
+                 latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False,
+                 allow_partial: bool = False):
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory {data_dir} does not exist")
         if use_features not in (True, False, "auto", "full", "cls"):
@@ -196,12 +236,14 @@ class REGDataset(Dataset):
         self._encoder_weights = encoder_weights or {}
         self.skip_bad, self._warned = bool(skip_bad), set()
         self.data_dir = data_dir
+        self.notes = []                 # one-time remarks for the caller's log (old caches, accepted counts)
+        self._counts = []               # (manifest, what it records, what is listed), checked below
         steps = self._scan_steps(data_dir)
 
         keys, latent_files = self._index_latents(data_dir, steps, latents_dir)
         self._index_features(steps, use_features, enc_types, keys)
         self._index_images(data_dir, steps, images_dir, load_images, keys, latent_files)
-        self._mmaps = {}
+        self._check_counts(allow_partial)
 
     # ------------------------------------------------------------------ indexing
     def _index_latents(self, data_dir, steps, latents_dir):
@@ -213,6 +255,9 @@ class REGDataset(Dataset):
                                     f"folder needs its dataset.json (written by the encode step)")
         if latent_manifest is not None:
             latent_files = sorted(latent_labels)        # certified by the manifest
+            if "num_files" in latent_manifest:
+                self._counts.append((self.latents_dir, "latent files", int(latent_manifest["num_files"]),
+                                     f"its {LABELS} lists", len(latent_files)))
         else:
             latent_files = list_files(self.latents_dir, (".npy",))
             unlabeled = [f for f in latent_files if f not in latent_labels]
@@ -264,16 +309,22 @@ class REGDataset(Dataset):
         self.feature_records = {name: {"path": fdir, "kind": m["feature_kind"], "dtype": m.get("dtype", "float16"),
                                        "encoder_record": m.get("encoder_record"), "weights": m.get("weights")}
                                 for name, fdir, m in self._features}
-        self._feature_rows = []
+        self._feature_rows, self._readers = [], []
         for name, fdir, manifest in self._features:
             row_of = {k: i for i, k in enumerate(manifest["keys"])}
             missing = [k for k in keys if k not in row_of]
             if missing:
                 raise ValueError(f"{len(missing)} images have no cached {name} features in {fdir}, e.g. "
                                  f"{missing[0]}; rerun cache-features on the same images folder")
+            self._counts.append((fdir, "cached images", len(row_of), "the training set has", len(keys)))
             self._feature_rows.append(np.array([row_of[k] for k in keys], dtype=np.int64))
             del manifest["keys"]        # a big list of str: do not carry it into every worker
-
+            sums = manifest.pop("checksums", None)      # as big: a uint32 array instead
+            row_crc = np.array(sums["rows"], dtype=np.uint32) if sums else None
+            if row_crc is None:
+                self.notes.append(f"note: the feature cache {fdir} has no checksums (written before they were "
+                                  f"recorded): its rows are not verified; cache-features into a new folder adds them")
+            self._readers.append(ChunkReader(fdir, manifest, row_crc))
 
     def _index_images(self, data_dir, steps, images_dir, load_images, keys, latent_files):
         """The image paired with each latent (by name), when images are loaded; the resolution."""
@@ -302,6 +353,20 @@ class REGDataset(Dataset):
             if int(manifest["resolution"]) != self.resolution:
                 raise ValueError(f"features in {fdir} were computed at {manifest['resolution']} px but the "
                                  f"dataset is {self.resolution} px")
+
+    def _check_counts(self, allow_partial: bool) -> None:
+        """Each step's manifest records how many items it wrote; a listing (dataset.json) or training set
+        with another count means data was lost or edited away: an error, unless allow_partial."""
+        off = [f"{os.path.join(d, MANIFEST)} records {n} {what} but {listed} {m}"
+               for d, what, n, listed, m in self._counts if n != m]
+        if not off:
+            return
+        text = "; ".join(off)
+        if not allow_partial:
+            raise ValueError(f"the data disagrees with its manifests: {text}. Restore the missing entries (or rerun "
+                             f"the step that wrote them), or pass --allow-partial-data to train on the "
+                             f"{len(self)} items listed")
+        self.notes.append(f"note: training on {len(self)} items although {text} (--allow-partial-data)")
 
     # ------------------------------------------------------------------ discovery
     @staticmethod
@@ -358,6 +423,8 @@ class REGDataset(Dataset):
         if manifest is not None:
             labels = read_labels(path)
             files = sorted(labels) if labels is not None else list_files(path, IMAGE_EXTS)
+            if "num_images" in manifest:
+                self._counts.append((path, "images", int(manifest["num_images"]), f"its {LABELS} lists", len(files)))
         else:
             files = list_files(path, IMAGE_EXTS)
         return path, files
@@ -435,31 +502,39 @@ class REGDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_mmaps"] = {}           # memory maps are reopened lazily in each worker
-        return state
-
-    def _feature_chunk(self, k: int, chunk: int) -> np.ndarray:
-        handle = self._mmaps.get((k, chunk))
-        if handle is None:
-            path = os.path.join(self._features[k][1], f"chunk-{chunk:06d}.npy")
-            handle = self._mmaps[(k, chunk)] = np.load(path, mmap_mode="r")
-        return handle
-
     def __getitem__(self, i: int) -> dict:
         if not self.skip_bad:
             return self._item(i)
         # --skip-bad-samples: a damaged item is replaced by the next readable one, the same on every
-        # rank and every rerun, so the data stream (and resume) stays deterministic.
+        # rank and every rerun, so the data stream (and resume) stays deterministic. The item carries
+        # the index it replaces ("skipped", -1: none): loader workers are other processes, so the
+        # caller reports it (skipped_notes), into its own log.
         for j in range(i, i + len(self)):
             try:
-                return self._item(j % len(self))
-            except DataFileError as e:
-                if str(e) not in self._warned:
-                    self._warned.add(str(e))
-                    print(f"warning: skipping a damaged sample: {e}", file=sys.stderr, flush=True)
+                item = self._item(j % len(self))
+            except DataFileError:
+                continue
+            item["skipped"] = torch.tensor(i if j != i else -1)
+            return item
         raise DataFileError(f"every sample of {self.data_dir} is damaged")
+
+    def skipped_notes(self, batches) -> list[str]:
+        """One line for each damaged sample that a batch (or list of batches) holds a replacement
+        for and that was not reported before; the reason is read again here, in the caller's process."""
+        notes = []
+        for batch in batches if isinstance(batches, (list, tuple)) else [batches]:
+            for i in batch.pop("skipped", torch.empty(0)).tolist():
+                if i < 0 or i in self._warned:
+                    continue
+                self._warned.add(i)
+                try:
+                    self._item(i)
+                    why = "unreadable in a loader worker"
+                except DataFileError as e:
+                    why = str(e)
+                notes.append(f"warning: skipping a damaged sample (index {i}, replaced by the next readable one, "
+                             f"--skip-bad-samples): {why}")
+        return notes
 
     def _item(self, i: int) -> dict:
         latent_file = self._latent_files[i].decode("utf-8")
@@ -468,8 +543,9 @@ class REGDataset(Dataset):
             moments = np.load(path)                                            # (2C, h, w) float32
             if moments.shape != self.moments_shape:
                 raise ValueError(f"shape {moments.shape}, expected {self.moments_shape}")
-        except (ValueError, OSError, EOFError) as e:
-            raise self._damaged(path, "encode", self.latents_dir, e) from None
+        except (ValueError, OSError, EOFError, MemoryError) as e:
+            raise self._unreadable(path, i, "encode", self.latents_dir, e) from None
+        self._check_finite(moments, path, i, "encode")
         item = {"moments": torch.from_numpy(moments.astype(np.float32, copy=False)),
                 "label": torch.tensor(self.labels[i])}
         if self.load_images:
@@ -477,8 +553,8 @@ class REGDataset(Dataset):
             path = os.path.join(self.images_dir, name)
             try:
                 image = read_image(path)                                       # (3, R, R) uint8
-            except (ValueError, OSError, SyntaxError) as e:
-                raise self._damaged(path, "convert", self.images_dir, e) from None
+            except (ValueError, OSError, SyntaxError, MemoryError) as e:
+                raise self._unreadable(path, i, "convert", self.images_dir, e) from None
             if image.shape[-2:] != (self.resolution, self.resolution):
                 raise ValueError(f"image {name} is {image.shape[-1]}x{image.shape[-2]}, the dataset is "
                                  f"{self.resolution}x{self.resolution}")
@@ -486,34 +562,50 @@ class REGDataset(Dataset):
         if self._features:
             cls_list, tok_list = [], []
             for k, (_, folder, m) in enumerate(self._features):
-                row = int(self._feature_rows[k][i])
-                c = row // int(m["chunk_size"])
+                reader, row = self._readers[k], int(self._feature_rows[k][i])
+                full = self.feature_kind == "full"
                 try:
-                    entry = self._feature_chunk(k, c)[row % int(m["chunk_size"])]   # (Z,) or (1+T, Z)
-                except (ValueError, OSError, EOFError, IndexError) as e:
-                    raise self._damaged(os.path.join(folder, f"chunk-{c:06d}.npy"), "cache-features", folder, e) from None
-                if self.feature_kind == "full":
-                    tokens = torch.from_numpy(np.array(entry))                  # (1 + T, Z) fp16
-                    cls_list.append(tokens[0].clone())
-                    tok_list.append(tokens)
-                elif m["feature_kind"] == "full":
-                    cls_list.append(torch.from_numpy(np.array(entry[0])))       # (Z,) fp16, one row read
+                    # (1 + T, Z) for full use; (Z,) the global token of a cls cache, or of a full cache's row
+                    entry = reader.row(row, first_only=not full and m["feature_kind"] == "full")
+                except (ValueError, OSError, EOFError, IndexError, MemoryError) as e:
+                    raise self._unreadable(reader.path(row), i, "cache-features", folder, e) from None
+                self._check_finite(entry, reader.path(row), i, "cache-features")
+                entry = torch.from_numpy(entry)
+                if full:
+                    cls_list.append(entry[0].clone())
+                    tok_list.append(entry)
                 else:
-                    cls_list.append(torch.from_numpy(np.array(entry)))          # (Z,) fp16
+                    cls_list.append(entry)
             item["enc_cls"] = cls_list
             if self.feature_kind == "full":
                 item["enc_tokens"] = tok_list
         return item
 
     @staticmethod
-    def _damaged(path: str, step: str, folder: str, error: BaseException) -> "DataFileError":
+    def _check_finite(a: np.ndarray, path: str, i: int, step: str) -> None:
+        """NaN or inf in a sample's inputs: named here (it would poison the whole batch's step)."""
+        bad = nonfinite_count(a)
+        if bad:
+            raise DataFileError(f"{path} holds {bad} non-finite value(s) of {a.size} (sample {i}); it was written by "
+                                f"the {step} step (delete it and rerun that step to redo it), or train with "
+                                f"--skip-bad-samples")
+
+    def _unreadable(self, path: str, i: int, step: str, folder: str, error: BaseException) -> Exception:
+        """A read error as a ResourceLimitError (the machine's limits) or a DataFileError (the file)."""
+        return resource_limit_error(path, error) or self._damaged(path, i, step, folder, error)
+
+    @staticmethod
+    def _damaged(path: str, i: int, step: str, folder: str, error: BaseException) -> "DataFileError":
         manifest = read_manifest(folder) or {}
         source = (manifest.get("params") or {}).get("source")
         again = (f"python preprocessing/dataset_tools.py {step} --source {source} --dest {folder} ..." if source
                  else f"the {step} step that wrote {folder}")
+        # a changed byte keeps the size, which is all a rerun checks: the file must go first
+        fix = (f"delete it and rerun {again} with its settings (it redoes missing files)" if isinstance(error, ChecksumError)
+               else f"rerun {again} with its settings (it finds and redoes damaged files)")
         text = " ".join(str(error).split()) or type(error).__name__
-        return DataFileError(f"{path} is damaged ({text[:160]}); it was written by the {step} step: rerun {again} "
-                             "with its settings (it finds and redoes damaged files), or train with --skip-bad-samples")
+        return DataFileError(f"{path} is damaged (sample {i}: {text[:160]}); it was written by the {step} step: "
+                             f"{fix}, or train with --skip-bad-samples")
 
     def key(self, i: int) -> str:
         """The shared name of item i (its image path without extension)."""

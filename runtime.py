@@ -33,7 +33,7 @@ def last_line(e: BaseException) -> str:
     """The useful line of an error raised in a DataLoader worker (its message arrives wrapped in the
     worker's traceback): the last non-empty line, without the exception's type name."""
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].split("DataFileError: ", 1)[-1] if lines else type(e).__name__
+    return lines[-1].split(f"{type(e).__name__}: ", 1)[-1] if lines else type(e).__name__
 
 
 def launcher_env() -> tuple[int, int, int]:
@@ -63,6 +63,21 @@ def resolve_device(flag: str | None, local_rank: int, world_size: int) -> torch.
         raise ValueError(f"--device {flag} under a launcher with {world_size} processes would put every rank on "
                          f"one GPU; use --device cuda (each rank takes cuda:LOCAL_RANK)")
     return device
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files (ulimit -n) to its hard limit, which needs no
+    privilege: loader workers inherit it. Returns (soft, hard) after, or None where there are no
+    such limits (Windows) or the call is refused."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # an unlimited hard limit is left alone: some systems refuse it as a soft limit for files
+        if soft != resource.RLIM_INFINITY and hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return None
 
 
 class Procs:

@@ -165,6 +165,8 @@ def start_logging(run) -> None:
                 f"projectors: {model.z_dims or 'off'}; encoders: {run.enc_types or 'none'} "
                 f"({feature_source(run)}); {run.world} process(es), "
                 f"{run.local_batch} per micro-batch")
+    for note in run.dataset.notes:
+        logger.info(note)
     config = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
     acc.init_trackers("REG", config=config, init_kwargs=tracker_resume(run))
     with atomic_open(os.path.join(run.exp_dir, "args.json")) as f:

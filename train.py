@@ -26,7 +26,7 @@ import cli
 import online_eval
 from checkpoint import CheckpointError, checkpoint_paths, resume, save_run
 from data_order import make_loader, next_batches
-from dataset import DataFileError
+from dataset import DATA_ERRORS
 from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS
 from models.sit import SIT_CONFIGS, SiT_models
 from optim import ADAM_IMPLS, GuardedAdamW
@@ -121,6 +121,9 @@ def _data_args(p) -> None:
     g.add_argument("--skip-bad-samples", action="store_true",
                    help="replace a damaged sample by the next readable one (warned once; the same on every "
                         "process and rerun, so resume stays exact) instead of stopping with its file named")
+    g.add_argument("--allow-partial-data", action="store_true",
+                   help="train although the data lists fewer items than its manifests record (default: stop with "
+                        "both numbers)")
 
 
 def _runtime_args(p) -> None:
@@ -258,6 +261,8 @@ def train(args, parser) -> None:
     try:
         while state.step < args.max_train_steps:
             batches = next_batches(data, args.gradient_accumulation_steps, state.step)
+            for note in run.dataset.skipped_notes(batches):    # replacements made in loader workers
+                logger.warning(note)
             log.add(train_step(state, batches, run.objective, run.prepare))
             progress.update(1)
             check_nonfinite(run)
@@ -304,6 +309,6 @@ def check_nonfinite(run, logs: dict | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (FloatingPointError, CheckpointError, DataFileError) as e:   # one line, not a traceback
+    except (FloatingPointError, CheckpointError, *DATA_ERRORS) as e:   # one line, not a traceback
         print(f"error: {last_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -23,7 +23,7 @@ from data_order import DataPosition
 from loss import REGObjective, resolution_shift
 from models.sit import SIT_CONFIGS
 from optim import GuardedAdamW, make_optimizer
-from runtime import Procs, launcher_env, one_line, resolve_device
+from runtime import Procs, launcher_env, one_line, raise_open_file_limit, resolve_device
 from tracking import logger, setup_logging
 from train_step import Prepare, TrainState
 
@@ -45,6 +45,7 @@ def load_data(run, parser) -> None:
     from models.encoders import parse_enc_types, weights_record
 
     args = run.args
+    raise_open_file_limit()              # ulimit -n up to the hard limit, for this process and its loader workers
     run.needs_encoder = args.proj_coeff > 0 or args.cls > 0
     try:
         run.enc_types = parse_enc_types(args.enc_type) if run.needs_encoder else []
@@ -53,7 +54,7 @@ def load_data(run, parser) -> None:
             with contextlib.suppress(OSError, ValueError):
                 weights[name] = weights_record(name)
         run.dataset = REGDataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
-                                 skip_bad=args.skip_bad_samples,
+                                 skip_bad=args.skip_bad_samples, allow_partial=args.allow_partial_data,
                                  use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

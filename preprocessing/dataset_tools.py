@@ -33,6 +33,7 @@ import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 import zipfile  # noqa: E402
+import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
@@ -41,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset import (IMAGE_EXTS, LABELS, MANIFEST, PARTIAL, decode_image, features_dir_name,  # noqa: E402
                      image_key, list_files)
+from feature_cache import CHECKSUM, chunk_name, file_checksum, row_checksums  # noqa: E402
 from fileio import (atomic_open, atomic_torch_save, atomic_write_bytes, atomic_write_json,  # noqa: E402
                     is_temp_file, npy_bytes, read_json, remove_stale_temp_files)
 from preprocessing.transforms import TRANSFORMS, apply_transform  # noqa: E402
@@ -234,15 +236,18 @@ def damaged_outputs(dest: str, kind: str, manifest: dict) -> list[str]:
     return bad
 
 
-def reopen_if_damaged(dest: str, kind: str, params: dict) -> str:
+def reopen_if_damaged(dest: str, kind: str, params: dict, bad: list[str] | None = None) -> str:
+    """'complete', or 'resume' after removing the damaged outputs (default: damaged_outputs) and the manifest."""
     manifest = read_json(os.path.join(dest, MANIFEST))
-    bad = damaged_outputs(dest, kind, manifest)
+    bad = damaged_outputs(dest, kind, manifest) if bad is None else bad
     if not bad:
         return "complete"
     print(f"{dest}: {len(bad)} damaged or missing file(s), e.g. {bad[0]}: redoing them", file=sys.stderr)
     for path in bad:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+    if kind == "features":
+        restore_checksums(dest, manifest)
     atomic_write_json(os.path.join(dest, PARTIAL), {"kind": kind, "params": params,
                                                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "repair": True})
     os.remove(os.path.join(dest, MANIFEST))
@@ -577,11 +582,47 @@ def fit_pca(source: str, dest: str, factor: int = 8, channels: int = 4, max_imag
 #                               cache-features                                   #
 #################################################################################
 
-def chunk_name(c: int) -> str:
-    return f"chunk-{c:06d}.npy"
+FEATURES_FORMAT = 3      # 2: encoder record (family, preprocessing, token rules), weights record, storage dtype;
+                         # 3: checksums (crc32 of each chunk file and of each row)
 
 
-FEATURES_FORMAT = 2      # 2: encoder record (family, preprocessing, token rules), weights record, storage dtype
+def sums_name(c: int) -> str:
+    """A chunk's checksums while its step runs, written just before the chunk; gathered into the manifest."""
+    return f"chunk-{c:06d}.{CHECKSUM}.json"
+
+
+def write_chunk(dest: str, c: int, block: np.ndarray) -> None:
+    """One chunk file, its checksums first (a chunk that exists always has them)."""
+    data = npy_bytes(block)
+    atomic_write_json(os.path.join(dest, sums_name(c)), {"file": zlib.crc32(data), "rows": row_checksums(block)})
+    atomic_write_bytes(os.path.join(dest, chunk_name(c)), data)
+
+
+def gather_checksums(dest: str, num_chunks: int) -> dict:
+    """The manifest's checksums from the chunks' own files (removed after the manifest is written). A chunk
+    without them (written by a version before checksums, in a step resumed now) is read to compute them."""
+    files, rows = [], []
+    for c in range(num_chunks):
+        path = os.path.join(dest, sums_name(c))
+        if os.path.isfile(path):
+            sums = read_json(path)
+        else:
+            chunk = os.path.join(dest, chunk_name(c))
+            sums = {"file": file_checksum(chunk), "rows": row_checksums(np.load(chunk, mmap_mode="r"))}
+        files.append(int(sums["file"]))
+        rows.extend(int(r) for r in sums["rows"])
+    return {"algorithm": CHECKSUM, "chunks": files, "rows": rows}
+
+
+def restore_checksums(dest: str, manifest: dict) -> None:
+    """Before a finished cache is reopened for repair: its kept chunks' checksums back to their own files."""
+    sums = manifest.get("checksums")
+    if not sums:
+        return
+    size = int(manifest["chunk_size"])
+    for c, crc in enumerate(sums["chunks"]):
+        if os.path.isfile(os.path.join(dest, chunk_name(c))):
+            atomic_write_json(os.path.join(dest, sums_name(c)), {"file": crc, "rows": sums["rows"][c * size:(c + 1) * size]})
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}   # the same, cast on the device
 
@@ -660,7 +701,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
                 while current < len(todo) and filled >= bounds[todo[current]][1] - bounds[todo[current]][0]:
                     need = bounds[todo[current]][1] - bounds[todo[current]][0]
                     block = np.concatenate(pending, axis=0)
-                    atomic_write_bytes(os.path.join(dest, chunk_name(todo[current])), npy_bytes(block[:need]))
+                    write_chunk(dest, todo[current], block[:need])
                     pending, filled, current = [block[need:]], filled - need, current + 1
         ranks.barrier()
 
@@ -670,16 +711,48 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
                 raise ValueError(f"{len(missing)} feature chunks missing (e.g. {chunk_name(missing[0])}); a rank "
                                  f"failed? rerun the same command")
             item_shape = [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]
+            checksums = gather_checksums(dest, num_chunks)
             finish_step(dest, {
                 "kind": "features", "format": FORMAT_VERSION, "features_format": FEATURES_FORMAT, "params": params,
                 "encoder": enc_type, "family": record["family"], "encoder_record": record, "weights": weights,
                 "feature_kind": kind, "embed_dim": encoder.embed_dim, "num_tokens": encoder.num_tokens,
                 "item_shape": item_shape, "dtype": dtype, "resolution": resolution,
-                "chunk_size": chunk_size, "num_chunks": num_chunks, "num_images": len(keys), "keys": keys})
+                "chunk_size": chunk_size, "num_chunks": num_chunks, "num_images": len(keys), "keys": keys,
+                "checksums": checksums})
+            for c in range(num_chunks):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(dest, sums_name(c)))
         ranks.barrier()
         return {"status": status, "written_chunks": len(todo), "dest": dest}
     finally:
         ranks.close()
+
+
+def verify(dest: str) -> dict:
+    """Every chunk of a finished feature cache against its recorded crc32 (one sequential read of the
+    cache); damaged or missing chunks are removed and the step reopened, so that rerunning its
+    cache-features command redoes just those."""
+    manifest = read_json(os.path.join(dest, MANIFEST)) if os.path.isfile(os.path.join(dest, MANIFEST)) else None
+    if manifest is None or manifest.get("kind") != "features":
+        raise ValueError(f"{dest} is not a finished feature cache (no features manifest.json)")
+    if not manifest.get("checksums"):
+        raise ValueError(f"{dest} records no checksums (written before they were); cache-features into a new "
+                         f"folder to have them")
+    start, nbytes, bad = time.perf_counter(), 0, damaged_outputs(dest, "features", manifest)
+    for c, crc in enumerate(tqdm(manifest["checksums"]["chunks"], desc="verify", unit="chunk")):
+        path = os.path.join(dest, chunk_name(c))
+        if path in bad:
+            continue
+        if file_checksum(path) != crc:
+            bad.append(path)
+        nbytes += os.path.getsize(path)
+    seconds = time.perf_counter() - start
+    status = reopen_if_damaged(dest, "features", manifest["params"], bad) if bad else "verified"
+    if bad:
+        print(f"{dest}: rerun cache-features with its settings (--source {manifest['params']['source']}) to redo "
+              f"them", file=sys.stderr)
+    return {"status": status, "damaged": len(bad), "chunks": manifest["num_chunks"],
+            "MB_per_s": round(nbytes / max(seconds, 1e-9) / 1e6)}
 
 
 #################################################################################
@@ -796,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(_run=lambda a: cache_features(a.source, a.enc_type, a.kind, a.dest, a.batch_size, a.chunk_size,
                                                  a.workers, a.device, a.enc_weights, a.precision, a.dtype),
                    _parser=f)
+    v = sub.add_parser("verify", help="check every chunk of a feature cache against its checksum (a full read)")
+    v.add_argument("dest", help="the feature cache folder, e.g. DATA/features-dinov2-vit-b-full")
+    v.set_defaults(_run=lambda a: verify(a.dest), _parser=v)
     return p
 
 

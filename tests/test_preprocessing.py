@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -388,6 +389,9 @@ def test_cache_features_round_trip_and_resume(images_dir, tmp_path, monkeypatch,
     assert keys == sorted(keys) and len(keys) == 11
     stored = np.concatenate([np.load(dest / f"chunk-{c:06d}.npy") for c in range(3)])
     assert stored.dtype == np.float16
+    # checksums of the chunk written before the kill and of those after it; their own files gone
+    assert manifest["checksums"]["rows"] == [zlib.crc32(row.tobytes()) for row in stored]
+    assert not list(dest.glob("*.json.*")) and sorted(p.name for p in dest.glob("*.json")) == ["manifest.json"]
     enc = load_encoders("random-vit-tiny", RES)[0]
     x = torch.stack([torch.from_numpy(np.array(PIL.Image.open(images_dir / f"{k}.png"))).permute(2, 0, 1)
                      for k in keys])
