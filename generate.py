@@ -10,19 +10,10 @@ architecture are only checked against it. The release's and REPA's command lines
 they are (their spellings --global-seed, --cls, --local-rank, --legacy, SpeedrunDiT's
 --balanced-sampling and --time-shifting).
 
-A run called NAME (``--name``; by default the release's name,
-``{model}-{ckpt stem}-size-{resolution}-vae-{vae}-cfg-{cfg_scale}-seed-{seed}-{mode}-{guidance_high}-{cls_cfg_scale}``
-for a class-token (REG) checkpoint and REPA's ``...-seed-{seed}-{mode}`` for one without, so that
-the releases' evaluation scripts find the file) writes {sample_dir}/NAME/ (shards),
-{sample_dir}/NAME.npz and NAME.json (shard_store.py); everything that decides the images, the seed
-scheme included, is in NAME.json (run_identity.py), and a rerun with other settings into the same
-NAME is refused. The seed schemes and sampling a batch: sampling.py.
-
-Memory: out of GPU memory while sampling (per-image scheme), the batch is split in two and the
-smaller size kept for the rest of the run; while decoding, the chunk is halved. Neither changes
-the images. Resume: rerunning the same command keeps the shards already written and samples the
-rest; temporary files of killed runs are removed at start; a folder made with a different
-configuration is refused.
+A run called NAME (``--name``; by default the release's name, so that the releases' evaluation
+scripts find the file) writes {sample_dir}/NAME/ (shards), NAME.npz and NAME.json: shard_store.py.
+Everything that decides the images is in NAME.json (run_identity.py); a rerun with other settings
+into the same NAME is refused, the same command resumes. Seed schemes, sampling a batch: sampling.py.
 """
 from __future__ import annotations
 
@@ -36,7 +27,7 @@ from tqdm import tqdm
 from checkpoint import load_sampling_model
 from cli import DefaultsHelpFormatter, RankZeroParser, add_runtime_args, set_tf32
 from fileio import file_sha256, remove_stale_temp_files
-from loss import PATH_TYPES, resolution_shift
+from loss import PATH_TYPES, SHIFT_BASE, resolution_shift
 from models.autoencoder import VAE_ALIASES, Autoencoder, decoder_for
 from models.sit import SiT_models
 from run_identity import default_name, prepare_run, run_info, run_key, writable_error
@@ -47,7 +38,6 @@ from sampling import (DEFAULT_DECODE_BATCH, ReleaseNoise, SampleSettings, check_
 from shard_store import assemble, per_image_plan, rank_batches, save_pngs, valid_shards, write_shard
 
 AUTO_BATCH = {"cuda": 256, "cpu": 32}
-DEFAULT_SHIFT_BASE = 4096          # SpeedrunDiT's: SD-VAE latents at 256 px, 4 x 32 x 32
 
 
 #################################################################################
@@ -114,7 +104,7 @@ def build_parser() -> RankZeroParser:
                    help="shift the time grid by sqrt(C h w / --shift-base) (SpeedrunDiT's); default: as the "
                         "checkpoint was trained (its args time_shift), off if not recorded")
     g.add_argument("--shift-base", type=int, default=None,
-                   help=f"latent size (C h w) without shift; default the checkpoint's, else {DEFAULT_SHIFT_BASE}")
+                   help=f"latent size (C h w) without shift; default the checkpoint's, else {SHIFT_BASE}")
 
     g = p.add_argument_group("seeding and output")
     g.add_argument("--seed-scheme", choices=["per-image", "release"], default="per-image")
@@ -266,11 +256,11 @@ def check_codec(parser: RankZeroParser, args, model, codec) -> int:
 
 def time_shift_factor(args, facts: dict, latent_shape) -> float:
     """1 (none) unless time shifting is on (--time-shift, else the checkpoint's training args);
-    then loss.resolution_shift(latent_shape, --shift-base or the checkpoint's or 4096)."""
+    then loss.resolution_shift(latent_shape, --shift-base or the checkpoint's or SHIFT_BASE)."""
     on = args.time_shift if args.time_shift is not None else bool(facts["time_shift"])
     if not on:
         return 1.0
-    base = args.shift_base or facts["shift_base"] or DEFAULT_SHIFT_BASE
+    base = args.shift_base or facts["shift_base"] or SHIFT_BASE
     return float(resolution_shift(latent_shape, int(base)))
 
 

@@ -34,7 +34,10 @@ def interpolant(t, path_type: str = "linear"):
     raise ValueError(f"unknown path_type {path_type!r}; choose one of {PATH_TYPES}")
 
 
-def resolution_shift(latent_shape, base: int = 4096) -> float:
+SHIFT_BASE = 4096   # latent values with no shift: SD-VAE latents at 256 px (4 x 32 x 32), SpeedrunDiT's
+
+
+def resolution_shift(latent_shape, base: int = SHIFT_BASE) -> float:
     """The time shift of a latent shape (C, H, W): sqrt(C H W / base). SD-VAE latents at 256 px
     (4 x 32 x 32 = 4096 values) give exactly 1, i.e. no shift."""
     return math.sqrt(math.prod(int(s) for s in latent_shape) / base)

@@ -27,7 +27,7 @@ import online_eval
 from checkpoint import CheckpointError, checkpoint_paths, resume, save_run
 from data_order import make_loader, next_batches
 from dataset import DATA_ERRORS
-from loss import PATH_TYPES, PREDICTIONS, WEIGHTINGS
+from loss import PATH_TYPES, PREDICTIONS, SHIFT_BASE, WEIGHTINGS
 from models.sit import SIT_CONFIGS, SiT_models
 from optim import ADAM_IMPLS, GuardedAdamW
 from runtime import DEFAULT_TIMEOUT_MIN, forget_process_state, last_line, launcher_env, resolve_device
@@ -171,8 +171,8 @@ def _loss_args(p) -> None:
                    help="contrastive flow matching weight (SpeedrunDiT: 0.05; 0: off, the release)")
     g.add_argument("--time-shift", action=argparse.BooleanOptionalAction, default=False,
                    help="shift t by sqrt(latent elements / --shift-base) (SD3/SpeedrunDiT); sampling follows")
-    g.add_argument("--shift-base", type=int, default=4096,
-                   help="latent elements with no shift (4096 = SD-VAE latents at 256 px)")
+    g.add_argument("--shift-base", type=int, default=SHIFT_BASE,
+                   help="latent elements with no shift (SD-VAE latents at 256 px: 4 x 32 x 32)")
 
 
 def _grid_args(p) -> None:
