@@ -281,3 +281,14 @@ def test_a_quota_hit_in_the_middle_of_a_write_keeps_the_previous_checkpoint_and_
     assert "\n" not in message and "Disk quota exceeded" in message and f"{first} is intact" in message
     assert sorted(os.listdir(tmp_path)) == ["0000001.pt", "0000001.pt.sha256"]
     assert checkpoint.load_checkpoint(first)["steps"] == 1
+
+
+def test_the_start_of_a_run_says_what_its_checkpoints_will_take_and_warns_when_the_disk_lacks_it(tmp_path,
+                                                                                                 monkeypatch):
+    ck = Checkpointer(str(tmp_path), keep_last=3, keep_every=100, log=lambda m: None)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda folder: Usage(10 ** 12))
+    line = ck.plan(400, 10, 10 ** 9)                   # 100, 200, 300, 400 + the newest 3 + one being written
+    assert line.startswith("checkpoints: ~1.0 GB each, up to 7 at once (--keep-last 3 --keep-every 100): ~7.0 GB")
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda folder: Usage(5 * 10 ** 9))
+    assert ck.plan(400, 10, 10 ** 9).startswith("warning:") and "~7.0 GB more needed" in ck.plan(400, 10, 10 ** 9)
+    assert "up to 40 at once (all kept: --keep-last 0)" in Checkpointer(str(tmp_path)).plan(400, 10, 10 ** 9)
