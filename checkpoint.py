@@ -358,7 +358,8 @@ class Checkpointer:
         line = (f"checkpoints: ~{disk_space.human(checkpoint_bytes)} each, up to {peak} at once ({rule}): "
                 f"~{disk_space.human(peak * checkpoint_bytes)}; {self.folder} has {disk_space.human(free)} free")
         if more > free:
-            line = f"warning: {line}, ~{disk_space.human(more)} more needed: the run will stop at a save when it is full"
+            line = (f"warning: {line}, ~{disk_space.human(more)} more needed: "
+                    "the run will stop at a save when it is full")
         return line
 
     def raise_if_failed(self) -> None:

@@ -90,7 +90,8 @@ def disk_table() -> str:
     """A markdown table of each preset's checkpoint disk use (README.md's training section holds it)."""
     from disk_space import human
 
-    rows = ["| preset | one checkpoint | kept (`--keep-last`, `--keep-every`) | disk at most |", "| --- | --- | --- | --- |"]
+    rows = ["| preset | one checkpoint | kept (`--keep-last`, `--keep-every`) | disk at most |",
+            "| --- | --- | --- | --- |"]
     for name, p in PRESETS.items():
         one, peak = disk(name)
         rows.append(f"| {name} | {human(one)} | {p['train']['--keep-last']} + every "

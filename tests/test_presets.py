@@ -77,6 +77,6 @@ def test_presets_keep_the_newest_few_and_milestones_and_the_readme_states_their_
         assert args.keep_every % presets.TRAIN_SH_CHECKPOINTING_STEPS == 0      # milestones are saved steps
     one, peak = presets.disk("reg-xl2-4m")
     assert 10.5e9 < one < 11.5e9                       # the issue's ~11 GB: 16 bytes x ~680M parameters
-    assert peak == 8 + 2 + 1                           # milestones 0.5M..4M, the newest 3 (4M is both), one being written
+    assert peak == 8 + 2 + 1           # milestones 0.5M..4M, the newest 3 (4M is both), one being written
     assert one == disk_space.model_checkpoint_bytes("SiT-XL/2")             # the model's defaults are REG's XL
     assert presets.disk_table() in open(f"{ROOT}/README.md").read()
