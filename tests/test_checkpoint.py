@@ -1,5 +1,6 @@
 """checkpoint.Checkpointer and fileio: background atomic saves, what a failed save says and keeps,
-the choice of checkpoint on resume, stale temp files, permissions."""
+the choice of checkpoint on resume, stale temp files, permissions; integrity records and damaged
+files (issue 26); pruning, sizes and free space (issue 25, disk_space.py)."""
 import errno
 import os
 import stat
@@ -292,3 +293,32 @@ def test_the_start_of_a_run_says_what_its_checkpoints_will_take_and_warns_when_t
     monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda folder: Usage(5 * 10 ** 9))
     assert ck.plan(400, 10, 10 ** 9).startswith("warning:") and "~7.0 GB more needed" in ck.plan(400, 10, 10 ** 9)
     assert "up to 40 at once (all kept: --keep-last 0)" in Checkpointer(str(tmp_path)).plan(400, 10, 10 ** 9)
+
+
+QUOTA_DRIVER = """
+import resource, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+from checkpoint import Checkpointer, CheckpointError
+ck = Checkpointer(sys.argv[2], background=False, log=lambda m: None)
+ck.save(1, {"model": {"w": torch.ones(1000)}, "steps": 1})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)              # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    ck.save(2, {"model": {"w": torch.ones(1_000_000)}, "steps": 2})
+except CheckpointError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_enforced_by_the_kernel_mid_save_is_one_line_and_leaves_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-c", QUOTA_DRIVER, ROOT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 1, out.stderr[-2000:]
+    assert "could not write checkpoint" in lines[0] and "File too large" in lines[0] and "0000001.pt is intact" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["0000001.pt", "0000001.pt.sha256"]
+    assert checkpoint.load_checkpoint(str(tmp_path / "0000001.pt"))["steps"] == 1
