@@ -10,10 +10,15 @@ Layout of ``{output_dir}/{exp_name}/checkpoints/{step:07d}.pt`` (keys of the rel
     scaler, rng, data   resume state (grad scaler, RNG states per rank, data-loader position)
 The release's checkpoints (argparse Namespace in ``args``, no ``model_config``) also load: the
 architecture is then read off the state_dict's shapes.
+
+Next to each checkpoint, ``{step:07d}.pt.sha256`` is its integrity record (integrity.py), written
+after it; loading checks it (a damaged checkpoint is named and, on resume, the next older intact one
+used). Checkpoints without one (older runs, the release's) load with a one-line note.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import pickle
@@ -24,6 +29,8 @@ import time
 
 import torch
 
+import disk_space
+import integrity
 from fileio import atomic_torch_save, remove_stale_temp_files
 from models.sit import SIT_CONFIGS, SiT, complete_config
 from runtime import one_line
@@ -33,24 +40,48 @@ logger = logging.getLogger("train")
 CKPT_NAME = re.compile(r"^(\d{7,})\.pt$")   # {step:07d}.pt
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that is damaged: truncated, not a zip, or not matching its integrity record."""
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-save
-    leaves the previous checkpoint (and no half-written file under a real name)."""
-    atomic_torch_save(obj, path)
+    leaves the previous checkpoint (and no half-written file under a real name). Then its
+    integrity record; an older record of this name goes first, so none ever describes another file."""
+    integrity.remove_record(path)
+    sha256, _ = atomic_torch_save(obj, path)
+    integrity.write_record(path, sha256)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load ours or the release's (whose args are an argparse Namespace) without unpickling code."""
+def load_checkpoint(path: str, map_location="cpu", verify: bool = True, log=None) -> dict:
+    """Load ours or the release's (whose args are an argparse Namespace) without unpickling code.
+    ``verify``: check the integrity record first (one read of the file; ``log`` gets a one-line
+    note when there is none). A damaged file raises UnreadableCheckpoint naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if verify:
+        try:
+            if not integrity.verify(path) and log is not None:
+                log(f"note: {path} has no integrity record (written before records existed, or by the release): "
+                    "loaded unverified")
+        except integrity.IntegrityError as e:
+            raise UnreadableCheckpoint(f"{path} is not a readable checkpoint (damaged: {e})") from None
+    size = os.path.getsize(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             # mmap: tensors are paged in on use, so 8 ranks reading an XL checkpoint (Adam state
             # included) do not each hold all of it in host memory.
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except (PermissionError, FileNotFoundError):
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # OSError: a file cut short can make the zip reader seek before its start (EINVAL)
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({first})") from None
+        if size == 0:
+            first = "an empty file"
+        elif isinstance(e, OSError) and e.errno == errno.EINVAL:
+            first = f"{first}; only {size} bytes: cut short?"
+        raise UnreadableCheckpoint(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or not ({"model", "ema"} & ckpt.keys()):
         raise ValueError(f"{path} is not a SiT/REG/REPA training checkpoint (no 'model' or 'ema' key)")
     if isinstance(ckpt.get("args"), argparse.Namespace):
@@ -67,11 +98,16 @@ def checkpoint_paths(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def prune_checkpoints(folder: str, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (keep <= 0 keeps all)."""
-    if keep > 0:
-        for _, path in checkpoint_paths(folder)[:-keep]:
+def prune_checkpoints(folder: str, keep: int, keep_every: int = 0, upto: int | None = None) -> None:
+    """Keep the newest ``keep`` checkpoints (keep <= 0 keeps all) and every one whose step is a
+    multiple of ``keep_every`` (milestones). With ``upto`` (the step just saved) only checkpoints up to
+    it count: newer ones (damaged ones a resume fell back from) stay until this run rewrites them."""
+    saved = [(s, p) for s, p in checkpoint_paths(folder) if upto is None or s <= upto]
+    kept = set(disk_space.kept_steps([s for s, _ in saved], keep, keep_every))
+    for step, path in saved:
+        if step not in kept:
             os.remove(path)
+            integrity.remove_record(path)
 
 
 def infer_model_config(state_dict: dict, args: dict | None = None) -> dict:
@@ -229,10 +265,16 @@ class Checkpointer:
     once and writes it atomically on a background thread while training goes on: never two
     writes at once, the previous checkpoint untouched until the new one is complete, so a save
     slower than the collective timeout cannot stall the other ranks. ``wait()`` finishes the write
-    and raises its error as one line. Only the process that writes (rank 0) calls save/wait."""
+    and raises its error as one line. Only the process that writes (rank 0) calls save/wait.
 
-    def __init__(self, folder: str, keep_last: int = 0, background: bool = True, log=print):
+    Disk: ``keep_last`` newest checkpoints are kept (0: all) and every ``keep_every``-th step's
+    (milestones); before each write the folder's free space is checked against the previous
+    checkpoint's size (else the state's bytes), and a save that cannot fit stops the run with
+    one line before anything is written."""
+
+    def __init__(self, folder: str, keep_last: int = 0, background: bool = True, log=print, keep_every: int = 0):
         self.folder, self.keep_last, self.background, self.log = folder, keep_last, background, log
+        self.keep_every = keep_every
         self._thread: threading.Thread | None = None
         self._error: str | None = None
 
@@ -254,14 +296,14 @@ class Checkpointer:
             if not match:
                 raise FileNotFoundError(f"no checkpoint for step {resume_step} in {self.folder} "
                                         f"(have: {[s for s, _ in saved] or 'none'})")
-            return match[0], load_checkpoint(match[0])
+            return match[0], load_checkpoint(match[0], log=log)
         for step, path in reversed(saved):
             try:
-                return path, load_checkpoint(path)
+                return path, load_checkpoint(path, log=log)
             except ValueError as e:
                 log(f"warning: {one_line(e)}; falling back to an older checkpoint")
         if saved:
-            raise ValueError(f"no checkpoint in {self.folder} can be read ({len(saved)} tried); "
+            raise UnreadableCheckpoint(f"no checkpoint in {self.folder} can be read ({len(saved)} tried); "
                              "delete them or use another --exp-name")
         return None, None
 
@@ -271,19 +313,20 @@ class Checkpointer:
         obj = {name: snapshot(value.state_dict() if hasattr(value, "state_dict") else value)
                for name, value in state.items()}
         path = os.path.join(self.folder, f"{step:07d}.pt")
+        self.check_room(path, obj)
         if self.background:
-            self._thread = threading.Thread(target=self._write, args=(path, obj), name="checkpoint-writer")
+            self._thread = threading.Thread(target=self._write, args=(path, obj, step), name="checkpoint-writer")
             self._thread.start()
         else:
-            self._write(path, obj)
+            self._write(path, obj, step)
             self.raise_if_failed()
         return path
 
-    def _write(self, path: str, obj: dict) -> None:
+    def _write(self, path: str, obj: dict, step: int) -> None:
         t0 = time.time()
         try:
             save_checkpoint(obj, path)
-            prune_checkpoints(self.folder, self.keep_last)
+            prune_checkpoints(self.folder, self.keep_last, self.keep_every, upto=step)
         except BaseException as e:  # noqa: BLE001 - reported on the training thread as one line
             previous = [p for s, p in self.paths() if p != path]
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -291,6 +334,33 @@ class Checkpointer:
                            f"{kept}; free space or fix {self.folder}, then rerun the same command to resume)")
             return
         self.log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+
+    def check_room(self, path: str, obj: dict) -> None:
+        """Stop (CheckpointError, one line) before writing ``path`` when the folder cannot hold it."""
+        previous = [p for s, p in self.paths() if p != path]
+        need = os.path.getsize(previous[-1]) if previous else disk_space.state_bytes(obj)
+        problem = disk_space.room_problem(self.folder, need)
+        if problem:
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no checkpoint was written yet"
+            raise CheckpointError(f"not enough disk for checkpoint {path}: it {problem} (nothing written; {kept}); "
+                                  "free space, lower --keep-last / --keep-every, or use another --output-dir, "
+                                  "then rerun the same command to resume")
+
+    def plan(self, max_steps: int, every: int, checkpoint_bytes: int) -> str:
+        """One line on the disk this run's checkpoints will take, and whether the folder has it."""
+        peak = disk_space.peak_count(max_steps, every, self.keep_last, self.keep_every)
+        held = self.paths()
+        on_disk = sum(os.path.getsize(p) for _, p in held)
+        more = max(0, peak * checkpoint_bytes - on_disk)
+        free = disk_space.free_bytes(self.folder)
+        rule = (f"--keep-last {self.keep_last}" + (f" --keep-every {self.keep_every}" if self.keep_every else "")
+                if self.keep_last > 0 else "all kept: --keep-last 0")
+        line = (f"checkpoints: ~{disk_space.human(checkpoint_bytes)} each, up to {peak} at once ({rule}): "
+                f"~{disk_space.human(peak * checkpoint_bytes)}; {self.folder} has {disk_space.human(free)} free")
+        if more > free:
+            line = (f"warning: {line}, ~{disk_space.human(more)} more needed: "
+                    "the run will stop at a save when it is full")
+        return line
 
     def raise_if_failed(self) -> None:
         if self._error is not None and (self._thread is None or not self._thread.is_alive()):
@@ -305,7 +375,7 @@ class Checkpointer:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the message is one line saying what to do."""
+    """A checkpoint could not be written (or a requested one read); the message is one line saying what to do."""
 
 
 #################################################################################
@@ -342,13 +412,15 @@ def resume(run, parser) -> None:
     """Rank 0 chooses the checkpoint (the newest readable one, --resume-step's, or --resume-from)
     and broadcasts it; every process restores it and confirms it holds that step."""
     args, acc, state = run.args, run.accelerator, run.state
-    choice, error = None, None
+    choice, error, damaged = None, None, False
     if acc.is_main_process:
         try:
             choice = choose_checkpoint(run, args)
         except (OSError, ValueError) as e:
-            error = one_line(e)
-    choice, error = run.procs.broadcast((choice, error))
+            error, damaged = one_line(e), isinstance(e, UnreadableCheckpoint)
+    choice, error, damaged = run.procs.broadcast((choice, error, damaged))
+    if damaged:     # an explicitly requested checkpoint is damaged: its name, not the usage
+        raise CheckpointError(error)
     if error:
         parser.error(error)
     if acc.is_main_process:
@@ -358,7 +430,7 @@ def resume(run, parser) -> None:
     path, step = choice
     try:
         from_flag = args.resume_from and path == os.path.abspath(args.resume_from)
-        ckpt = run.resume_ckpt if from_flag else load_checkpoint(path)
+        ckpt = run.resume_ckpt if from_flag else load_checkpoint(path, verify=False)  # rank 0 verified it
         restore(run, ckpt, path)
         problem = None if state.step == step else f"holds step {state.step}, not {step}"
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -492,11 +564,22 @@ class RNGStates:
 
 
 def read_checkpoint(path: str, parser) -> dict:
-    """load_checkpoint, its failure one line through ``parser.error``."""
+    """load_checkpoint, its failure one line: a damaged file as CheckpointError, others through ``parser.error``."""
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path, log=logger.info)
+    except UnreadableCheckpoint as e:
+        raise CheckpointError(one_line(e)) from None
     except (OSError, ValueError) as e:
         parser.error(one_line(e))
+
+
+def log_disk_plan(run) -> None:
+    """Rank 0, at the start: one line on the disk the run's checkpoints take (a warning if it lacks it)."""
+    if run.accelerator.is_main_process:
+        args = run.args
+        line = run.checkpointer.plan(args.max_train_steps, args.checkpointing_steps,
+                                     disk_space.training_checkpoint_bytes(run.state.model))
+        (logger.warning if line.startswith("warning") else logger.info)(line.removeprefix("warning: "))
 
 
 def check_data_fits(config, z_dims, channels, size, path, parser):

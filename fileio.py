@@ -86,11 +86,41 @@ def atomic_write_json(path, obj, indent: int | None = 2) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=indent, allow_nan=False) + "\n").encode("utf-8"))
 
 
-def atomic_torch_save(obj, path) -> None:
+class HashingWriter:
+    """A binary file handle that hashes (sha256) and counts what passes through it, so a file's
+    digest costs no second read. torch.save writes its zip strictly in order (no seek), which
+    tests/test_checkpoint.py checks against file_sha256. A write's OSError (ENOSPC, EDQUOT) is
+    kept: torch's zip writer replaces it with 'unexpected pos ...'; atomic_torch_save raises it instead."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj, path) -> tuple[str, int]:
+    """torch.save through atomic_open; returns (sha256 hex, bytes) of what was written."""
     import torch
 
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        out = HashingWriter(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+    return out.sha256.hexdigest(), out.bytes
 
 
 def atomic_save_npz(path, **arrays) -> None:

@@ -24,7 +24,7 @@ import torch
 
 import cli
 import online_eval
-from checkpoint import CheckpointError, checkpoint_paths, resume, save_run
+from checkpoint import CheckpointError, checkpoint_paths, log_disk_plan, resume, save_run
 from data_order import make_loader, next_batches
 from dataset import DATA_ERRORS
 from loss import PATH_TYPES, PREDICTIONS, SHIFT_BASE, WEIGHTINGS
@@ -59,6 +59,9 @@ def _logging_args(p) -> None:
     g.add_argument("--sampling-steps", type=int, default=10000, help="EMA sample grid every N steps (0: never)")
     g.add_argument("--checkpointing-steps", type=int, default=10000)
     g.add_argument("--keep-last", type=int, default=0, help="keep only the newest K checkpoints (0: keep all)")
+    g.add_argument("--keep-every", type=int, default=0,
+                   help="with --keep-last: also keep every checkpoint whose step is a multiple of N (milestones; "
+                        "a multiple of --checkpointing-steps; 0: none)")
     g.add_argument("--resume-step", type=int, default=None,
                    help="resume from this step's checkpoint (default: the newest one, if any; 0: start fresh, "
                         "which needs --archive-old-run when the folder holds checkpoints)")
@@ -192,6 +195,9 @@ def check_args(args, parser):
         parser.error("--batch-size and --gradient-accumulation-steps must be positive")
     if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.log_every < 1:
         parser.error("--max-train-steps, --checkpointing-steps and --log-every must be positive")
+    if args.keep_every < 0 or args.keep_every % args.checkpointing_steps:
+        parser.error(f"--keep-every must be 0 or a multiple of --checkpointing-steps ({args.checkpointing_steps}), "
+                     f"got {args.keep_every}")
     if args.proj_coeff < 0 or args.cls < 0 or args.cfm_coeff < 0:
         parser.error("--proj-coeff, --cls and --cfm-coeff must be >= 0")
     if args.shift_base < 1:
@@ -244,6 +250,7 @@ def train(args, parser) -> None:
 
     run = build(args, parser)
     resume(run, parser)
+    log_disk_plan(run)
     state, acc = run.state, run.accelerator
     if state.step == 0:
         torch.manual_seed(args.seed + run.rank)  # the release's per-process seed for t, noise and label dropout

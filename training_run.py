@@ -109,7 +109,7 @@ def start_processes(run, parser) -> None:
             parser.error(problem)
         setup_logging(os.path.join(run.exp_dir, "log.txt"))
     cli.set_tf32(args.tf32 and run.device.type == "cuda")
-    run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info)
+    run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info, keep_every=args.keep_every)
 
 
 def build_model(run, parser) -> None:

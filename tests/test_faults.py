@@ -51,19 +51,36 @@ def test_a_run_starts_by_removing_stale_temp_files_of_killed_saves(digits_data, 
     (ckpts / ".tmp-otherhost-4242-abc.pt").write_bytes(b"half a checkpoint")
     (ckpts / "notes.txt").write_text("mine")
     train.main(train_args(digits_data, tmp_path, "run", 1))
-    assert sorted(os.listdir(ckpts)) == ["0000001.pt", "notes.txt"]
+    assert sorted(os.listdir(ckpts)) == ["0000001.pt", "0000001.pt.sha256", "notes.txt"]
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(digits_data, tmp_path, caplog):
-    train.main(train_args(digits_data, tmp_path, "run", 6))
-    newest = tmp_path / "run" / "checkpoints" / "0000006.pt"
-    data = newest.read_bytes()
-    newest.write_bytes(data[: len(data) // 3])
-    train.main(train_args(digits_data, tmp_path, "run", 6))
+def test_flipped_bytes_and_a_5000_byte_cut_are_named_and_the_newest_intact_checkpoint_is_used(digits_data, tmp_path,
+                                                                                              caplog):
+    """Issue 26: 4 KB XOR-ed in the middle of the newest checkpoint loaded silently (mmap skips the zip's
+    CRCs) and poisoned the EMA; a checkpoint cut to 5,000 bytes stopped the resume with the usage and
+    '[Errno 22] Invalid argument'. Now the first is caught by its integrity record, the second (an older
+    run's checkpoint, without a record) by its read, and the run resumes from the newest intact one."""
+    train.main(train_args(digits_data, tmp_path, "run", 6, checkpointing_steps=2))     # checkpoints 2, 4, 6
+    ckpts = tmp_path / "run" / "checkpoints"
+    newest = bytearray((ckpts / "0000006.pt").read_bytes())
+    mid = len(newest) // 2
+    newest[mid:mid + 4096] = bytes(b ^ 0xA5 for b in newest[mid:mid + 4096])
+    (ckpts / "0000006.pt").write_bytes(bytes(newest))
+    (ckpts / "0000004.pt").write_bytes((ckpts / "0000004.pt").read_bytes()[:5000])
+    os.remove(ckpts / "0000004.pt.sha256")                        # as written before records existed
+    caplog.clear()
+    train.main(train_args(digits_data, tmp_path, "run", 6, checkpointing_steps=2))
     text = caplog.text
-    assert "0000006.pt is not a readable checkpoint" in text and "falling back" in text
-    assert "resumed from" in text and "0000003.pt (step 3)" in text
-    assert checkpoint.load_checkpoint(str(newest))["steps"] == 6                 # redone, intact
+    assert "0000006.pt is not a readable checkpoint (damaged: its sha256 differs from its integrity record" in text
+    assert "0000004.pt is not a readable checkpoint ([Errno 22] Invalid argument; only 5000 bytes" in text
+    assert text.count("falling back to an older checkpoint") == 2                # a truncated one is named too
+    assert "resumed from" in text and "0000002.pt (step 2)" in text
+    redone = checkpoint.load_checkpoint(str(ckpts / "0000006.pt"))                 # rewritten, with a record
+    assert redone["steps"] == 6 and all(torch.isfinite(v).all() for v in redone["ema"].values())
+    (ckpts / "0000006.pt").write_bytes((ckpts / "0000006.pt").read_bytes()[:-1] + b"x")
+    with pytest.raises(CheckpointError) as e:                       # asked for by step: no fallback, one line
+        train.main(train_args(digits_data, tmp_path, "run", 8, checkpointing_steps=2, resume_step=6))
+    assert "\n" not in str(e.value) and "0000006.pt is not a readable checkpoint (damaged" in str(e.value)
 
 
 def test_metrics_never_replay_steps_after_a_resume(digits_data, tmp_path):
@@ -92,7 +109,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         calls["n"] += 1
         if calls["n"] >= 2:
             raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1234 vs 1200")
-        real(obj, path)
+        return real(obj, path)
     monkeypatch.setattr(checkpoint, "atomic_torch_save", fill_up)
     with pytest.raises(CheckpointError) as e:
         train.main(train_args(digits_data, tmp_path, "run", 4, checkpointing_steps=1))
@@ -140,7 +157,7 @@ def test_a_fresh_start_in_a_folder_with_checkpoints_is_refused_unless_archived(d
     run = tmp_path / "run"
     archived = [d for d in os.listdir(run) if d.startswith("archived-")]
     assert len(archived) == 1
-    assert sorted(os.listdir(run / archived[0] / "checkpoints")) == ["0000003.pt"]
+    assert sorted(os.listdir(run / archived[0] / "checkpoints")) == ["0000003.pt", "0000003.pt.sha256"]
     assert [s for s, _ in checkpoint_paths(str(run / "checkpoints"))] == [2]
     assert steps_logged(run) == [1, 2]                                           # the new run only
 
@@ -223,10 +240,10 @@ if mode == "slow-save" and rank == 0:
     real = checkpoint.atomic_torch_save
     def slow(obj, path):
         time.sleep(8)                 # a save far longer than the 3-second collective timeout
-        real(obj, path)
+        return real(obj, path)
     checkpoint.atomic_torch_save = slow
 if mode == "unreadable" and rank == 1:
-    def unreadable(path, map_location="cpu"):
+    def unreadable(path, *args, **kwargs):
         raise ValueError(f"{path} is not a readable checkpoint (PytorchStreamReader failed)")
     checkpoint.load_checkpoint = unreadable
 if mode == "stale-listing" and rank == 1:

@@ -473,6 +473,14 @@ def test_bad_checkpoints_and_foreign_sample_dirs(ckpts, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert "cannot read checkpoint" in fails(capsys, "--ckpt", junk)
+    import integrity                                                  # issue 26: flipped bytes, with a record
+    damaged = tmp_path / "0000002.pt"
+    data = bytearray(open(ckpts["reg"], "rb").read())
+    integrity.write_record(str(damaged), __import__("hashlib").sha256(data).hexdigest())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    err = fails(capsys, "--ckpt", damaged)
+    assert "0000002.pt is not a readable checkpoint (damaged: its sha256 differs from its integrity record" in err
     assert "--cls-token-dim (--cls) 16 but the checkpoint's class token has width 0" in fails(
         capsys, "--ckpt", ckpts["repa"], "--cls", 16)
     assert "--model SiT-XL/2" in fails(capsys, "--ckpt", ckpts["release"], "--model", "SiT-XL/2", "--vae-path", ckpts["vae"])

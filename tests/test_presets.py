@@ -67,3 +67,16 @@ def test_eval_sh_takes_a_preset_and_says_what_is_missing(tmp_path):
     out = subprocess.run(["bash", os.path.join(ROOT, "eval.sh"), "reg-b2-400k"], cwd=tmp_path, capture_output=True, text=True,
                          env={**env, "REF_BATCH": ""})
     assert out.returncode == 1 and "checkpoint not found: exps/reg-b2-400k/checkpoints/(none yet)" in out.stderr
+
+
+def test_presets_keep_the_newest_few_and_milestones_and_the_readme_states_their_disk():
+    import disk_space
+    for name in presets.PRESETS:
+        args = train.build_parser().parse_args(["--data-dir", "d", "--exp-name", "e"] + presets.flags(name, "train"))
+        assert args.keep_last == 3 and args.keep_every > 0
+        assert args.keep_every % presets.TRAIN_SH_CHECKPOINTING_STEPS == 0      # milestones are saved steps
+    one, peak = presets.disk("reg-xl2-4m")
+    assert 10.5e9 < one < 11.5e9                       # the issue's ~11 GB: 16 bytes x ~680M parameters
+    assert peak == 8 + 2 + 1           # milestones 0.5M..4M, the newest 3 (4M is both), one being written
+    assert one == disk_space.model_checkpoint_bytes("SiT-XL/2")             # the model's defaults are REG's XL
+    assert presets.disk_table() in open(f"{ROOT}/README.md").read()

@@ -191,6 +191,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (("--precision", "fp8"), "expected one of fp32, fp16, bf16"),
     (("--resume-from", "/nonexistent.pt"), "no such checkpoint file"),
     (("--nonfinite-patience", "0"), "--nonfinite-patience must be >= 1"),
+    (("--keep-every", "5"), "--keep-every must be 0 or a multiple of --checkpointing-steps"),
     (("--device", "cuda:1"), "CUDA" if not torch.cuda.is_available() else "cuda"),
     (("--model", "SiT-T/4"), "random-vit-tiny gives 4 patch tokens at 32 px but the SiT has 1 image tokens"),
 ])
