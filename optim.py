@@ -57,7 +57,8 @@ class GuardedAdamW:
     reading it costs nothing, it simply calls torch's step or not (``masked=False``, the same
     result without the extra passes). Counters: ``skipped`` (all skipped steps) and
     ``consecutive`` (the current run of skipped steps), exact after ``settle()``, which the
-    next ``step`` and every checkpoint call first (it waits for at most one step's flag)."""
+    next ``step`` and every checkpoint call first (it waits for at most one step's flag). The masked
+    foreach update zeroes the gradients of a skipped step in place (they are spent anyway)."""
 
     def __init__(self, optimizer: torch.optim.AdamW, masked: bool | None = None):
         group = optimizer.defaults

@@ -111,9 +111,12 @@ def test_make_optimizer_kernels_keep_the_adamw_update():
 #          The masked update: torch's foreach bits, exact skips, traffic          #
 #################################################################################
 
-def _masked_pair(weight_decay=0.0, start_step=None):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _masked_pair(weight_decay=0.0, start_step=None, device="cpu"):
     """(torch's foreach AdamW on one net, the masked guard on an identical net)."""
-    ref, net = _net(), _net()
+    ref, net = _net().to(device), _net().to(device)
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     torch_opt = torch.optim.AdamW(ref.parameters(), foreach=True, **kw)
     guarded = GuardedAdamW(make_optimizer(net.parameters(), "foreach", **kw), masked=True)
@@ -125,29 +128,30 @@ def _masked_pair(weight_decay=0.0, start_step=None):
     return ref, net, torch_opt, guarded
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("start_step", [None, 60_000], ids=["early", "late"])
-def test_masked_update_is_torch_foreach_bitwise_and_skips_exactly(start_step):
+def test_masked_update_is_torch_foreach_bitwise_and_skips_exactly(start_step, device):
     """Five steps against torch.optim.AdamW(foreach=True); a step poisoned with inf and NaN in
     between, with signed zeros planted in the moments, changes no bit of weights or state."""
-    ref, net, torch_opt, guarded = _masked_pair(start_step=start_step)
+    ref, net, torch_opt, guarded = _masked_pair(start_step=start_step, device=device)
     g = torch.Generator().manual_seed(3)
     for i in range(5):
-        x = torch.randn(4, 16, generator=g)
+        x = torch.randn(4, 16, generator=g).to(device)
         for m in (ref, net):
             _grads(m, x)
         torch_opt.step()
-        guarded.step(torch.tensor(True))
+        guarded.step(torch.tensor(True, device=device))
         torch_opt.zero_grad()
         guarded.zero_grad()
         if i == 2:
             first = guarded.optimizer.state[net[0].weight]
             first["exp_avg"][0, :2] = torch.tensor([-0.0, 0.0])
-            torch_opt.state[ref[0].weight]["exp_avg"][0, :2] = torch.tensor([-0.0, 0.0])
+            torch_opt.state[ref[0].weight]["exp_avg"][0, :2] = torch.tensor([-0.0, 0.0])   # (copied to the device)
             _grads(net, x)
             net[0].weight.grad[0, 0], net[2].bias.grad[1] = float("inf"), float("nan")
             before = [t.clone() for p in net.parameters()
                       for t in (p, guarded.optimizer.state[p]["exp_avg"], guarded.optimizer.state[p]["exp_avg_sq"])]
-            guarded.step(torch.tensor(False))
+            guarded.step(torch.tensor(False, device=device))
             after = [t for p in net.parameters()
                      for t in (p, guarded.optimizer.state[p]["exp_avg"], guarded.optimizer.state[p]["exp_avg_sq"])]
             assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(before, after))
