@@ -21,7 +21,6 @@ Rows (random weights; the encoder is DINOv2-B's architecture; 256 px):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.bench_train import build_variant, make_encoder  # noqa: E402
-from benchmarks.common import autocast_dtype, peak_bytes, reset_peak, sync  # noqa: E402
+from benchmarks.common import peak_bytes, reset_peak, sync  # noqa: E402
 from benchmarks.flops import peak_tflops, train_flops_per_image  # noqa: E402
 from models.sit import SIT_CONFIGS, create_model, paper_encoder_depth  # noqa: E402
 from samplers import euler_maruyama_sampler  # noqa: E402
@@ -93,7 +92,7 @@ def train_rows(args, sz, device, encoder, dev_name):
                 continue
             peak = peak_tflops(dev_name, precision) if device.type == "cuda" else None
             for mode in modes:
-                step, info = build_variant(variant_args(sz, model, precision, compile_, ckpt), "project", mode,
+                step, _ = build_variant(variant_args(sz, model, precision, compile_, ckpt), "project", mode,
                                            device, encoder, None)
                 img_s, mem, out = time_steps(step, device, sz)
                 flops = train_flops_per_image(model, sz.resolution // 8, 4, encoder.embed_dim, [encoder.embed_dim], sz.projector_dim,
@@ -151,7 +150,7 @@ def sample_rows(sz, device, model_name, enc_dim: int = 768):
         if compile_:
             model.compile_blocks()
 
-        def run():
+        def run(model=model):
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 return euler_maruyama_sampler(model, latents, y, num_steps=sz.sample_steps, cfg_scale=1.0, cls_latents=cls)
         run()
