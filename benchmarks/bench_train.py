@@ -106,6 +106,9 @@ def build_parser():
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="build all variants, then time them round-robin (default: on for CPU, off for CUDA)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table in flops.py)")
+    p.add_argument("--optimizer-share", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the optimizer step (each --adam-impl) and the EMA alone on this model's parameters: "
+                        "bytes moved per step and share of the 'project' step (benchmarks/bench_optim.py)")
     return p
 
 
@@ -185,6 +188,7 @@ def build_variant(args, variant, mode, device, encoder_proto, release_mod):
         model = create_model(args.model, input_size=args.resolution // 8, z_dims=[z], projector_dim=args.projector_dim,
                              encoder_depth=paper_encoder_depth(depth), cls_token_dim=0 if args.repa_config else z,
                              fused_attn=not variant.endswith("+plain"))
+    model.grad_checkpointing = getattr(args, "grad_checkpointing", False)   # train.py --grad-checkpointing
     ema = copy.deepcopy(model)  # an exact copy, as train.py makes it
     model.to(device).train()
     ema.to(device).eval().requires_grad_(False)
@@ -368,6 +372,13 @@ def main(argv=None):
     if ours and theirs:
         print(f"project with cached features vs release-like (which always runs the encoder online): "
               f"{theirs['step_s'] / ours['step_s']:.2f}x")
+    if args.optimizer_share and ours:
+        from benchmarks.bench_optim import measure as measure_optimizer, param_set, print_rows
+        params = param_set(args.model, device, args.resolution // 8, encoder.embed_dim)
+        print()
+        print(f"optimizer side of the 'project' step (cached features, {1e3 * ours['step_s']:.1f} ms), alone on the same parameters:")
+        print_rows(measure_optimizer(params, device, args.runs, ours["step_s"]), 4 * sum(q.numel() for q in params))
+        del params
     if device.type != "cuda":
         print("peak mem on CPU: growth of the process's peak RSS during the timed runs (0 when reused memory suffices).")
 
