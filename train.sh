@@ -18,6 +18,11 @@ for v in "${RECIPE_VARS[@]}"; do
 done
 PRESET=${1:-${PRESET:-}}
 PYTHON=${PYTHON:-python}
+preset=()
+if [[ -n "$PRESET" ]]; then                 # first: a misspelt preset is the first thing to hear about
+    mapfile -t preset < <("$PYTHON" presets.py train "$PRESET")
+    [[ ${#preset[@]} -gt 0 ]] || exit 2     # presets.py said why
+fi
 MODEL=${MODEL:-SiT-XL/2}
 ENC_TYPE=${ENC_TYPE:-dinov2-vit-b}
 ENCODER_DEPTH=${ENCODER_DEPTH:-8}           # SiT-L/XL use 8, SiT-B uses 4
@@ -63,8 +68,6 @@ if [[ ! -d "$DATA_DIR" ]]; then            # before starting a process per GPU, 
 fi
 args=()
 if [[ -n "$PRESET" ]]; then
-    mapfile -t preset < <("$PYTHON" presets.py train "$PRESET")
-    [[ ${#preset[@]} -gt 0 ]] || exit 2     # presets.py said why
     args+=("${preset[@]}")
 else
     args+=(--path-type linear --prediction v --weighting uniform --allow-tf32)
