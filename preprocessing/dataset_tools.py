@@ -809,7 +809,7 @@ def _write_sharded_step(folder: str, kind: str, ds, params: dict, manifest: dict
     for k, data, ends in tqdm(loader, total=len(todo), desc=f"pack {os.path.basename(folder)}", unit="shard"):
         write_shard(folder, k, kind, data, {"ends": ends} if ends is not None else None)
     labels = ds.labels if kind == "latents" else None
-    finish_step(folder, finish_shards(folder, kind, len(ds), shard_size, keys, labels, manifest))
+    finish_step(folder, finish_shards(folder, kind, len(ds), shard_size, keys, labels, {**manifest, "params": params}))
     remove_records(folder, kind, num_shards)
     return status
 
