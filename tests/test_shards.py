@@ -208,3 +208,33 @@ def test_training_on_shards_resumes_bit_for_bit_and_equals_per_file(digits_data,
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+@pytest.mark.slow
+def test_the_data_benchmark_runs(tmp_path, capsys):
+    from benchmarks import bench_data
+
+    bench_data.main(["--num-samples", "32", "--resolution", "32", "--batch-size", "8", "--workers", "0",
+                     "--shard-size", "8", "--index-size", "2000", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for label in ("per-file", "sharded", "sharded file://"):
+        assert f"\n{label} " in out, label
+    assert "2,000 entries" in out and "SiT-XL/2" in out and "SiT-B/2" in out
+    per_file = next(line for line in out.splitlines() if line.startswith("per-file "))
+    assert " 2,000.0 " in per_file                      # an image and a latent file opened per sample
+
+
+@pytest.mark.slow
+def test_the_builtin_run_on_shards_trains_the_same_model(tmp_path):
+    """demo/pipeline.py --shards packs the digits and trains on the shards: the same checkpoint as per-file."""
+    import checkpoint
+    from demo import pipeline
+
+    small = ["--steps", "4", "--log-every", "2", "--num-samples", "10", "--sample-steps", "2", "--eval-images", "4",
+             "--max-images", "100", "--model", "SiT-XS/2"]
+    a = pipeline.main(["--out", str(tmp_path / "files"), *small])
+    b = pipeline.main(["--out", str(tmp_path / "shards"), "--shards", *small])
+    assert (tmp_path / "shards/data-shards/latents/manifest.json").is_file()
+    ca, cb = checkpoint.load_checkpoint(a["checkpoint"]), checkpoint.load_checkpoint(b["checkpoint"])
+    for name in ca["ema"]:
+        assert torch.equal(ca["ema"][name], cb["ema"][name]), name
