@@ -257,7 +257,8 @@ class ShardFiles:
             return f
         if is_url(path):
             fs, p = _fs(path)
-            f = fs.open(p, "rb", block_size=0) if not type(fs).__name__.startswith("Local") else fs.open(p, "rb")
+            local = type(fs).__name__.startswith("Local")
+            f = fs.open(p, "rb") if local else fs.open(p, "rb", cache_type="none")   # one request per read
         else:
             f = open(path, "rb", buffering=0)
         self.opened += 1

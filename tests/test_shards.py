@@ -55,6 +55,22 @@ def test_every_item_equals_the_per_file_one(digits_data, packed, kw):
             assert_items_equal(a[i], b[i], f"{where} item {i}")
 
 
+def test_a_non_local_fsspec_filesystem(digits_data, packed):
+    """memory:// stands in for a bucket that is not a local file system (range reads through fsspec)."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for root, _, files in os.walk(packed):
+        for f in files:
+            fs.pipe(f"/bucket/{os.path.relpath(os.path.join(root, f), packed)}", open(os.path.join(root, f), "rb").read())
+    try:
+        b = REGDataset("memory:///bucket", enc_types=[ENC], use_features="cls", load_images=True)
+        a = REGDataset(str(digits_data), enc_types=[ENC], use_features="cls", load_images=True)
+        for i in (0, 17, 99):
+            assert_items_equal(a[i], b[i], f"memory item {i}")
+    finally:
+        fs.rm("/bucket", recursive=True)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_same_batches_in_the_same_order_and_after_a_mid_epoch_resume(digits_data, packed, world):
     """The training loader (ResumableSampler) on both layouts, every rank (one with 2 workers), from the
