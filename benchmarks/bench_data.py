@@ -160,7 +160,7 @@ def throughput(data_dir: str, n: int, batch: int, workers: int) -> float:
 
 
 def opens_and_bytes(data_dir: str, n: int, batch: int) -> tuple[float, float | None]:
-    ds, dl = loader(data_dir, batch, 0)
+    _, dl = loader(data_dir, batch, 0)
     count = [0]
     real_open = builtins.open
 

@@ -170,6 +170,28 @@ def test_a_damaged_shard_is_named_with_the_sample_and_can_be_skipped(digits_data
     assert dataset_tools.main(["verify-shards", "--data-dir", str(bad)])["damaged"] == 0
 
 
+def test_the_release_layout_packs_too(tmp_path):
+    """imagenet_256_vae/ + vae-sd/ (no manifests, img-mean-std names): the same items after pack."""
+    import PIL.Image
+
+    root = tmp_path / "release"
+    os.makedirs(root / "imagenet_256_vae/00000")
+    os.makedirs(root / "vae-sd/00000")
+    rng = np.random.default_rng(0)
+    labels = []
+    for i in range(5):
+        PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            root / f"imagenet_256_vae/00000/img{i:08d}.png")
+        np.save(root / f"vae-sd/00000/img-mean-std-{i:08d}.npy", rng.standard_normal((8, 4, 4)).astype(np.float32))
+        labels.append([f"00000/img-mean-std-{i:08d}.npy", i % 3])
+    (root / "vae-sd/dataset.json").write_text(json.dumps({"labels": labels}))
+    dataset_tools.pack(str(root), str(tmp_path / "shards"), shard_size=2)
+    a, b = REGDataset(str(root)), REGDataset(str(tmp_path / "shards"))
+    assert type(b) is ShardedDataset and b.latent_scale == a.latent_scale and b.resolution == a.resolution == 32
+    for i in range(5):
+        assert_items_equal(a[i], b[i], f"item {i}")
+
+
 def test_open_handles_stay_bounded(packed):
     ds = REGDataset(str(packed), enc_types=[ENC], use_features="cls", load_images=True)
     ds._files = ShardFiles(max_open=2)
