@@ -247,10 +247,12 @@ class ShardFiles:
     most ``max_open`` handles open (least recently used closed first). ``opened`` counts opens."""
 
     def __init__(self, max_open: int = MAX_OPEN):
-        self.max_open, self.opened = max_open, 0
+        self.max_open, self.opened, self._pid = max_open, 0, os.getpid()
         self._handles: OrderedDict[str, object] = OrderedDict()
 
     def _handle(self, path: str):
+        if self._pid != os.getpid():    # a forked worker: the parent's handles share its file offsets
+            self._handles, self._pid = OrderedDict(), os.getpid()
         f = self._handles.get(path)
         if f is not None:
             self._handles.move_to_end(path)

@@ -192,6 +192,19 @@ def test_the_release_layout_packs_too(tmp_path):
         assert_items_equal(a[i], b[i], f"item {i}")
 
 
+def test_forked_workers_do_not_share_the_parents_handles(digits_data, packed):
+    """The main process reads first (handles open), then forked workers read through file://."""
+    ds = REGDataset("file://" + str(packed), use_features=False, load_images=True)
+    ref = REGDataset(str(digits_data), use_features=False, load_images=True)
+    ds[0], ds[50]
+    order = [int(i) for i in np.random.default_rng(0).permutation(100)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=10, sampler=order, num_workers=2,
+                                         multiprocessing_context="fork")
+    for b, batch in enumerate(loader):
+        for j, i in enumerate(order[10 * b:10 * b + 10]):
+            assert torch.equal(batch["image"][j], ref[i]["image"]) and torch.equal(batch["moments"][j], ref[i]["moments"])
+
+
 def test_open_handles_stay_bounded(packed):
     ds = REGDataset(str(packed), enc_types=[ENC], use_features="cls", load_images=True)
     ds._files = ShardFiles(max_open=2)
