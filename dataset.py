@@ -220,6 +220,14 @@ class REGDataset(Dataset):
     fix) or ResourceLimitError (open files, memory: never replaced by skip_bad).
     """
 
+    def __new__(cls, data_dir=None, *args, **kwargs):
+        # A sharded data dir (local path or URL) is read by data_shards.ShardedDataset, same API.
+        if cls is REGDataset and data_dir is not None:
+            from data_shards import ShardedDataset, is_sharded
+            if is_sharded(str(data_dir)):
+                cls = ShardedDataset
+        return super().__new__(cls)
+
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
                  load_images: bool | None = None, images_dir: str | None = None,
                  latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False,
@@ -606,6 +614,12 @@ class REGDataset(Dataset):
         text = " ".join(str(error).split()) or type(error).__name__
         return DataFileError(f"{path} is damaged (sample {i}: {text[:160]}); it was written by the {step} step: "
                              f"{fix}, or train with --skip-bad-samples")
+
+    def image_path(self, i: int) -> str | None:
+        """The image file of item i (None when images are not loaded)."""
+        if self._image_files is None:
+            return None
+        return os.path.join(self.images_dir, self._image_files[i].decode("utf-8"))
 
     def key(self, i: int) -> str:
         """The shared name of item i (its image path without extension)."""

@@ -219,7 +219,7 @@ def check_args(args, parser):
         if path and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such checkpoint file")
     online_eval.check_args(args, parser)
-    if not os.path.isdir(args.data_dir):
+    if not os.path.isdir(args.data_dir) and "://" not in args.data_dir:     # a URL: sharded data (data_shards.py)
         parser.error(f"--data-dir {args.data_dir} does not exist; prepare it with preprocessing/dataset_tools.py (see README)")
     _, world, local_rank = launcher_env()
     try:

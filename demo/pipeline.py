@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="SiT-T/2")
     p.add_argument("--max-images", type=int, default=None, help="only the first N digits (tests)")
     p.add_argument("--exp-name", default="reg-digits", help="the training run's folder under OUT/exps")
+    p.add_argument("--shards", action="store_true",
+                   help="pack the preprocessed data into the sharded layout (dataset_tools.py pack) and train on that")
     p.add_argument("--train-args", default="", help="extra train.py flags, e.g. the ladder's \"--routing sprint ...\"")
     return p
 
@@ -94,10 +96,15 @@ def main(argv=None) -> dict:
     call(dataset_tools.main, ["cache-features", "--source", os.path.join(data, "images"), "--enc-type",
                               "random-vit-tiny", "--kind", "full"], tools)
 
+    train_data = data
+    if args.shards:                     # the same samples in the same order: the same run
+        train_data = os.path.join(out, "data-shards")
+        call(dataset_tools.main, ["pack", "--source", data, "--dest", train_data, "--shard-size", 256], tools)
+
     stage(f"3/6 training {args.model} + REG for {args.steps} steps")
     # Demo-sized recipe: a higher learning rate and a short EMA (0.99): the run is only minutes long.
     call(train.main, ["--model", args.model, "--enc-type", "random-vit-tiny", "--encoder-depth", 2,
-                      "--projector-dim", 256, "--data-dir", data, "--resolution", res,
+                      "--projector-dim", 256, "--data-dir", train_data, "--resolution", res,
                       "--output-dir", os.path.join(out, "exps"), "--exp-name", args.exp_name, "--batch-size", 64,
                       "--learning-rate", "1e-3", "--ema-decay", 0.99, "--max-train-steps", args.steps,
                       "--checkpointing-steps", 200, "--keep-last", 2, "--sampling-steps", 200,

@@ -45,6 +45,9 @@ from dataset import (IMAGE_EXTS, LABELS, MANIFEST, PARTIAL, decode_image, featur
 from feature_cache import CHECKSUM, chunk_name, file_checksum, row_checksums  # noqa: E402
 from fileio import (atomic_open, atomic_torch_save, atomic_write_bytes, atomic_write_json,  # noqa: E402
                     is_temp_file, npy_bytes, read_json, remove_stale_temp_files)
+from data_shards import (DEFAULT_SHARD_SIZE, IMAGES_DIR, LATENTS_DIR, LAYOUT, array_shard_bytes,  # noqa: E402
+                         finish_shards, remove_records, restore_records, sample_order, shard_done, shard_name,
+                         verify_shards, write_shard)
 from preprocessing.transforms import TRANSFORMS, apply_transform  # noqa: E402
 from runtime import Procs  # noqa: E402
 
@@ -211,6 +214,10 @@ def _npy_size(shape, dtype) -> int:
 def damaged_outputs(dest: str, kind: str, manifest: dict) -> list[str]:
     """Outputs of a finished step that are missing or cut short: cheap checks, no decoding (a PNG
     must end with its IEND chunk, a .npy must have its exact size)."""
+    if manifest.get("layout") == LAYOUT:          # sharded step: each shard's recorded size
+        expected = {r["name"]: r["bytes"] for r in manifest["shards"]}
+        return [os.path.join(dest, n) for n, size in expected.items()
+                if not os.path.isfile(os.path.join(dest, n)) or os.path.getsize(os.path.join(dest, n)) != size]
     if kind == "features":
         rows = [min(manifest["chunk_size"], manifest["num_images"] - c * manifest["chunk_size"])
                 for c in range(manifest["num_chunks"])]
@@ -243,6 +250,8 @@ def reopen_if_damaged(dest: str, kind: str, params: dict, bad: list[str] | None 
     if not bad:
         return "complete"
     print(f"{dest}: {len(bad)} damaged or missing file(s), e.g. {bad[0]}: redoing them", file=sys.stderr)
+    if manifest.get("layout") == LAYOUT:
+        restore_records(dest, manifest)           # the good shards count as done again
     for path in bad:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
@@ -473,13 +482,38 @@ def _open_source_for_step(source: str) -> tuple[ImageSource, dict | None, dict[s
     return src, manifest, labels
 
 
+def _blocks(arrays, sizes: list[int]):
+    """Consecutive blocks of the given row counts from a stream of (B, ...) arrays (a batch may
+    straddle two blocks)."""
+    pending, filled, sizes = [], 0, list(sizes)
+    for out in arrays:
+        pending.append(out)
+        filled += len(out)
+        while sizes and filled >= sizes[0]:
+            block = np.concatenate(pending, axis=0)
+            yield block[:sizes[0]]
+            pending, filled = [block[sizes[0]:]], filled - sizes[0]
+            sizes.pop(0)
+
+
+def _shard_plan(keys: list[str], shard_size: int, rank: int, world: int, folder: str, kind: str):
+    """The sharded layout's sample order (the per-file layout's), and this rank's unwritten shards
+    with their row counts."""
+    order = sample_order(keys)
+    num_shards = (len(keys) + shard_size - 1) // shard_size
+    todo = [k for k in range(rank, num_shards, world) if not shard_done(folder, k, kind)]
+    sizes = [min(shard_size, len(keys) - k * shard_size) for k in todo]
+    return order, num_shards, todo, sizes
+
+
 #################################################################################
 #                                   encode                                       #
 #################################################################################
 
 def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse", batch_size: int = 64,
-           workers: int = 4, device: str | None = None) -> dict:
-    """Images -> one float32 (2C, h, w) [mean, std] .npy per image (same relative name), labels kept."""
+           workers: int = 4, device: str | None = None, shard_size: int | None = None) -> dict:
+    """Images -> one float32 (2C, h, w) [mean, std] .npy per image (same relative name), labels kept;
+    with shard_size, the sharded layout instead (data_shards.py: shard-XXXXXX.npy of shard_size samples)."""
     from models.autoencoder import Autoencoder
 
     if batch_size <= 0:
@@ -489,6 +523,8 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
     ranks = Procs(device)
     try:
         params = {"source": src.path, "source_fingerprint": src.fingerprint(), "model_url": model_url}
+        if shard_size:
+            params.update(layout=LAYOUT, shard_size=shard_size)
         status = start_step(ranks, dest, "latents", params)
         if status == "complete":
             return {"status": status, "written": 0, "rank": ranks.rank, "world": ranks.world_size}
@@ -502,6 +538,13 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
             open_step(dest, "latents", params)
         ranks.barrier()
 
+        num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
+        facts = {"autoencoder": ae.spec, "codec": ae.identity, "scale": ae.scale, "bias": ae.bias,
+                 "latent_channels": ae.latent_channels, "downsample": ae.downsample, "dtype": "float32",
+                 "resolution": resolution, "num_classes": int(num_classes)}
+        if shard_size:
+            return _encode_shards(src, dest, ae, ranks, params, facts, labels, shard_size, batch_size, workers,
+                                  resolution, status)
         outputs = [image_key(f) + ".npy" for f in src.files]
         mine = [i for i in range(ranks.rank, len(src.files), ranks.world_size)
                 if not os.path.isfile(os.path.join(dest, outputs[i]))]
@@ -525,7 +568,6 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
             moments_shape = list(np.load(os.path.join(dest, outputs[0]), mmap_mode="r").shape)
             atomic_write_json(os.path.join(dest, LABELS),
                               {"labels": [[o, labels[f]] for o, f in zip(outputs, src.files)]})
-            num_classes = (src_manifest or {}).get("num_classes") or max(labels[f] for f in src.files) + 1
             finish_step(dest, {
                 "kind": "latents", "format": FORMAT_VERSION, "params": params,
                 # the codec's canonical spec (local paths absolute): training rebuilds it from any cwd,
@@ -538,6 +580,35 @@ def encode(source: str, dest: str, model_url: str = "stabilityai/sd-vae-ft-mse",
         return {"status": status, "written": written, "rank": ranks.rank, "world": ranks.world_size}
     finally:
         ranks.close()
+
+
+def _encode_shards(src, dest, ae, ranks, params, facts, labels, shard_size, batch_size, workers, resolution,
+                   status) -> dict:
+    """encode --shard-size: each rank encodes its unwritten shards; rank 0 writes index and manifest."""
+    keys = [image_key(f) for f in src.files]
+    order, num_shards, todo, sizes = _shard_plan(keys, shard_size, ranks.rank, ranks.world_size, dest, "latents")
+    rels = [src.files[order[i]] for k in todo for i in range(k * shard_size, min(len(keys), (k + 1) * shard_size))]
+
+    def moments():
+        with tqdm(total=len(rels), desc=f"encode[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
+            for pos, images in _batches(src, rels, batch_size, workers, ranks.device, resolution):
+                yield ae.encode_moments(images.to(ranks.device, non_blocking=True)).cpu().numpy()  # (B, 2C, h, w)
+                bar.update(len(pos))
+
+    for k, block in zip(todo, _blocks(moments(), sizes)):
+        write_shard(dest, k, "latents", array_shard_bytes(block))
+    ranks.barrier()
+    if ranks.rank == 0:
+        first = np.load(os.path.join(dest, shard_name(0, "latents")), mmap_mode="r")
+        keys_o = [keys[i] for i in order]
+        labels_o = np.array([labels[src.files[i]] for i in order], np.int64)
+        manifest = finish_shards(dest, "latents", len(keys), shard_size, keys_o, labels_o,
+                                 {"kind": "latents", "format": FORMAT_VERSION, "params": params, **facts,
+                                  "moments_shape": list(first.shape[1:]), "num_files": len(keys)})
+        finish_step(dest, manifest)
+        remove_records(dest, "latents", num_shards)
+    ranks.barrier()
+    return {"status": status, "written_shards": len(todo), "rank": ranks.rank, "world": ranks.world_size}
 
 
 #################################################################################
@@ -630,8 +701,9 @@ TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}   # the same
 def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | None = None,
                    batch_size: int = 64, chunk_size: int | None = None, workers: int = 4,
                    device: str | None = None, enc_weights: str | None = None, precision: str = "fp16",
-                   dtype: str = "float16") -> dict:
-    """Images -> encoder outputs in chunks of chunk_size images, in sorted image-name order.
+                   dtype: str = "float16", shard_size: int | None = None) -> dict:
+    """Images -> encoder outputs in chunks of chunk_size images, in sorted image-name order; with
+    shard_size, the sharded layout instead (data_shards.py), in the sharded latents' sample order.
 
     kind 'cls': (n, Z) global tokens; kind 'full': (n, 1 + T, Z) global + patch tokens.
     dtype: how they are stored (float16, as before, or float32). precision: fp16 autocast on GPU.
@@ -668,6 +740,8 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
                   "chunk_size": chunk_size, "precision": precision, "dtype": dtype, "resolution": resolution,
                   "preprocessing": record["preprocessing"], "weights_sha256": weights.get("sha256"),
                   "weights": weights.get("path") or weights.get("model") or weights.get("source")}
+        if shard_size:
+            params.update(layout=LAYOUT, shard_size=shard_size, chunk_size=None)
         status = start_step(ranks, dest, "features", params)
         if status == "complete":
             return {"status": status, "written_chunks": 0, "dest": dest}
@@ -678,6 +752,13 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         if ranks.rank == 0:
             open_step(dest, "features", params)
         ranks.barrier()
+        if shard_size:
+            facts = {"kind": "features", "format": FORMAT_VERSION, "features_format": FEATURES_FORMAT,
+                     "params": params, "encoder": enc_type, "family": record["family"], "encoder_record": record,
+                     "weights": weights, "feature_kind": kind, "embed_dim": encoder.embed_dim,
+                     "num_tokens": encoder.num_tokens, "dtype": dtype, "resolution": resolution,
+                     "item_shape": [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]}
+            return _features_shards(src, dest, encoder, ranks, facts, shard_size, batch_size, workers, status)
 
         num_chunks = (len(keys) + chunk_size - 1) // chunk_size
         bounds = [(c * chunk_size, min(len(keys), (c + 1) * chunk_size)) for c in range(num_chunks)]
@@ -728,7 +809,7 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         ranks.close()
 
 
-def verify(dest: str) -> dict:
+def verify_cache(dest: str) -> dict:
     """Every chunk of a finished feature cache against its recorded crc32 (one sequential read of the
     cache); damaged or missing chunks are removed and the step reopened, so that rerunning its
     cache-features command redoes just those."""
@@ -753,6 +834,154 @@ def verify(dest: str) -> dict:
               f"them", file=sys.stderr)
     return {"status": status, "damaged": len(bad), "chunks": manifest["num_chunks"],
             "MB_per_s": round(nbytes / max(seconds, 1e-9) / 1e6)}
+
+
+#################################################################################
+#                          pack / verify-shards                                  #
+#################################################################################
+
+class _ShardBuilder(torch.utils.data.Dataset):
+    """Shard k's bytes (and, for images, the PNG ends) built in a DataLoader worker."""
+
+    def __init__(self, ds, kind: str, todo: list[int], shard_size: int, feature: tuple | None = None):
+        self.ds, self.kind, self.todo, self.size, self.feature = ds, kind, todo, shard_size, feature
+
+    def __len__(self):
+        return len(self.todo)
+
+    def __getitem__(self, j):
+        k = self.todo[j]
+        idx = range(k * self.size, min(len(self.ds), (k + 1) * self.size))
+        if self.kind == "images":
+            blobs = []
+            for i in idx:
+                with open(self.ds.image_path(i), "rb") as f:
+                    blobs.append(f.read())                                  # the PNG bytes, unchanged
+            return k, b"".join(blobs), np.cumsum([len(b) for b in blobs]).tolist()
+        if self.kind == "latents":
+            rows = [self.ds[i]["moments"].numpy() for i in idx]             # (2C, h, w) float32 each
+        else:
+            field = "enc_tokens" if self.feature == "full" else "enc_cls"
+            rows = [self.ds[i][field][0].numpy() for i in idx]              # (1 + T, Z) or (Z,)
+        return k, array_shard_bytes(np.stack(rows)), None
+
+
+def _write_sharded_step(folder: str, kind: str, ds, params: dict, manifest: dict, keys: list[str],
+                        shard_size: int, workers: int, feature: str | None = None) -> str:
+    """One sharded step folder from a per-file dataset view; resumable per shard."""
+    status = open_step(folder, kind, params)
+    if status == "complete":
+        status = reopen_if_damaged(folder, kind, params)
+        if status == "complete":
+            return status
+    remove_stale_temp_files(folder, recursive=False)
+    num_shards = (len(ds) + shard_size - 1) // shard_size
+    todo = [k for k in range(num_shards) if not shard_done(folder, k, kind)]
+    loader = torch.utils.data.DataLoader(_ShardBuilder(ds, kind, todo, shard_size, feature), batch_size=None,
+                                         num_workers=workers)
+    for k, data, ends in tqdm(loader, total=len(todo), desc=f"pack {os.path.basename(folder)}", unit="shard"):
+        write_shard(folder, k, kind, data, {"ends": ends} if ends is not None else None)
+    labels = ds.labels if kind == "latents" else None
+    finish_step(folder, finish_shards(folder, kind, len(ds), shard_size, keys, labels, {**manifest, "params": params}))
+    remove_records(folder, kind, num_shards)
+    return status
+
+
+def pack(source: str, dest: str, shard_size: int = DEFAULT_SHARD_SIZE, images: str = "auto",
+         workers: int = 0) -> dict:
+    """A per-file data dir (ours or the release's) -> the sharded layout: latents + labels, the images
+    (when there are any, or images='yes'), and every feature cache, sample i in shard i // shard_size."""
+    from dataset import REGDataset, read_manifest
+    from data_shards import is_sharded
+
+    if is_sharded(source):
+        raise ValueError(f"--source {source} is already sharded")
+    if os.path.abspath(dest) == os.path.abspath(source):
+        raise ValueError("--dest must be another folder than --source")
+    latents = REGDataset(source, use_features=False, load_images=False)
+    keys = [latents.key(i) for i in range(len(latents))]
+    with_images = None
+    if images != "no":
+        try:
+            with_images = REGDataset(source, use_features=False, load_images=True)
+        except FileNotFoundError:
+            if images == "yes":
+                raise
+    resolution = with_images.resolution if with_images is not None else latents.resolution
+    base = {"source": os.path.abspath(source), "shard_size": shard_size, "layout": LAYOUT}
+    done = {}
+    lat_manifest = read_manifest(latents.latents_dir) or {}
+    done[LATENTS_DIR] = _write_sharded_step(
+        os.path.join(dest, LATENTS_DIR), "latents", latents, {**base, "step": "latents"},
+        {"kind": "latents", "format": FORMAT_VERSION, "autoencoder": latents.autoencoder_spec,
+         "codec": latents.codec_identity, "scale": latents.latent_scale, "bias": latents.latent_bias,
+         "latent_channels": latents.latent_channels, "downsample": lat_manifest.get("downsample"),
+         "moments_shape": list(latents.moments_shape), "dtype": "float32", "resolution": resolution,
+         "num_classes": latents.num_classes, "packed_from": latents.latents_dir}, keys, shard_size, workers)
+    if with_images is not None:
+        done[IMAGES_DIR] = _write_sharded_step(
+            os.path.join(dest, IMAGES_DIR), "images", with_images, {**base, "step": "images"},
+            {"kind": "images", "format": FORMAT_VERSION, "resolution": resolution,
+             "packed_from": with_images.images_dir}, keys, shard_size, workers)
+    for entry in sorted(os.scandir(source), key=lambda e: e.name):
+        m = read_manifest(entry.path) if entry.is_dir() else None
+        if m is None or m.get("kind") != "features":
+            continue
+        ds = REGDataset(source, use_features=m["feature_kind"], enc_types=[m["encoder"]], load_images=False)
+        if ds.feature_records[ds.enc_types[0]]["path"] != entry.path:
+            continue                      # the cls cache of an encoder that also has a full one: no such view
+        keep = {k: v for k, v in m.items() if k not in ("keys", "chunk_size", "num_chunks", "params", "num_images")}
+        done[entry.name] = _write_sharded_step(
+            os.path.join(dest, entry.name), "features", ds, {**base, "step": entry.name},
+            {**keep, "packed_from": entry.path}, keys, shard_size, workers, feature=m["feature_kind"])
+    return {"status": "complete" if all(v == "complete" for v in done.values()) else "written",
+            "steps": ",".join(done), "samples": len(keys)}
+
+
+def verify_sharded(data_dir: str, delete: bool = False) -> dict:
+    """Every shard of every sharded step checked against its recorded size and sha256."""
+    from data_shards import sharded_steps
+
+    steps = sharded_steps(data_dir)
+    if steps is None:
+        raise ValueError(f"no sharded steps in {data_dir}")
+    bad = [p for kind in steps for folder, _ in steps[kind] for p in verify_shards(folder)]
+    for p in bad:
+        print(f"damaged: {p}", file=sys.stderr)
+        if delete:
+            os.remove(p)
+    if bad and not delete:
+        raise ValueError(f"{len(bad)} damaged shard(s), e.g. {bad[0]}: rerun with --delete, then rerun the "
+                         f"command that wrote them (pack, encode --shards or cache-features --shards)")
+    return {"status": "checked", "damaged": len(bad)}
+
+
+def _features_shards(src, dest, encoder, ranks, facts, shard_size, batch_size, workers, status) -> dict:
+    """cache-features --shards: each rank computes its unwritten shards; rank 0 writes the manifest."""
+    keys = [image_key(f) for f in src.files]
+    order, num_shards, todo, sizes = _shard_plan(keys, shard_size, ranks.rank, ranks.world_size, dest, "features")
+    rels = [src.files[order[i]] for k in todo for i in range(k * shard_size, min(len(keys), (k + 1) * shard_size))]
+    autocast = torch.autocast(ranks.device.type, dtype=torch.float16,
+                              enabled=facts["params"]["precision"] == "fp16" and ranks.device.type == "cuda")
+
+    def outputs():
+        with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
+            for pos, images in _batches(src, rels, batch_size, workers, ranks.device, facts["resolution"]):
+                with autocast:
+                    cls, tokens = encoder(images.to(ranks.device, non_blocking=True))   # (B, Z), (B, 1 + T, Z)
+                out = cls if facts["feature_kind"] == "cls" else tokens
+                yield out.to(TORCH_DTYPES[facts["dtype"]]).cpu().numpy()
+                bar.update(len(pos))
+
+    for k, block in zip(todo, _blocks(outputs(), sizes)):
+        write_shard(dest, k, "features", array_shard_bytes(block))
+    ranks.barrier()
+    if ranks.rank == 0:
+        finish_step(dest, finish_shards(dest, "features", len(keys), shard_size, [keys[i] for i in order], None,
+                                        facts))
+        remove_records(dest, "features", num_shards)
+    ranks.barrier()
+    return {"status": status, "written_shards": len(todo), "dest": dest}
 
 
 #################################################################################
@@ -831,8 +1060,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--workers", type=_nonneg_int, default=4, help="DataLoader workers per process")
     e.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    e.set_defaults(_run=lambda a: encode(a.source, a.dest, a.model_url, a.batch_size, a.workers, a.device),
-                   _parser=e)
+    e.add_argument("--shards", action="store_true",
+                   help="write the sharded layout (one .npy per --shard-size samples) instead of one file per image")
+    e.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
+    e.set_defaults(_run=lambda a: encode(a.source, a.dest, a.model_url, a.batch_size, a.workers, a.device,
+                                         a.shard_size if a.shards else None), _parser=e)
 
     q = sub.add_parser("fit-pca", help="PNG folder -> linear patch codec file (VAE stand-in for the CPU demo)")
     q.add_argument("--source", required=True, help="images folder from convert")
@@ -866,12 +1098,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype on GPU (as the release's fp16 training); CPU runs fp32")
     f.add_argument("--dtype", default="float16", choices=tuple(FEATURE_DTYPES),
                    help="how the outputs are stored (float16, the default, halves the size: ~2e-4 relative rounding)")
+    f.add_argument("--shards", action="store_true",
+                   help="write the sharded layout (give --dest inside the sharded data dir, with the latents' "
+                        "--shard-size)")
+    f.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
     f.set_defaults(_run=lambda a: cache_features(a.source, a.enc_type, a.kind, a.dest, a.batch_size, a.chunk_size,
-                                                 a.workers, a.device, a.enc_weights, a.precision, a.dtype),
-                   _parser=f)
+                                                 a.workers, a.device, a.enc_weights, a.precision, a.dtype,
+                                                 a.shard_size if a.shards else None), _parser=f)
     v = sub.add_parser("verify", help="check every chunk of a feature cache against its checksum (a full read)")
     v.add_argument("dest", help="the feature cache folder, e.g. DATA/features-dinov2-vit-b-full")
-    v.set_defaults(_run=lambda a: verify(a.dest), _parser=v)
+    v.set_defaults(_run=lambda a: verify_cache(a.dest), _parser=v)
+    k = sub.add_parser("pack", help="per-file data dir (ours or the release's) -> sharded layout")
+    k.add_argument("--source", required=True, help="data dir with latents (and images, feature caches)")
+    k.add_argument("--dest", required=True, help="output data dir, e.g. DATA-shards (then --data-dir DATA-shards)")
+    k.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
+    k.add_argument("--images", default="auto", choices=("auto", "yes", "no"),
+                   help="pack the images too (auto: when the source has them; no: a full feature cache run)")
+    k.add_argument("--workers", type=_nonneg_int, default=0, help="processes building shards")
+    k.set_defaults(_run=lambda a: pack(a.source, a.dest, a.shard_size, a.images, a.workers), _parser=k)
+
+    s_ = sub.add_parser("verify-shards", help="check every shard's size and sha256 against its manifest")
+    s_.add_argument("--data-dir", required=True, help="a sharded data dir (local path)")
+    s_.add_argument("--delete", action="store_true", help="remove damaged shards, so that a rerun rewrites them")
+    s_.set_defaults(_run=lambda a: verify_sharded(a.data_dir, a.delete), _parser=s_)
     return p
 
 
