@@ -49,6 +49,7 @@ from data_shards import (DEFAULT_SHARD_SIZE, IMAGES_DIR, LATENTS_DIR, LAYOUT, ar
                          finish_shards, remove_records, restore_records, sample_order, shard_done, shard_name,
                          verify_shards, write_shard)
 from preprocessing.transforms import TRANSFORMS, apply_transform  # noqa: E402
+from cli import RankZeroParser  # noqa: E402
 from runtime import Procs  # noqa: E402
 
 FORMAT_VERSION = 1
@@ -1034,7 +1035,8 @@ def _enc_type(s: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Preprocess an image dataset for REG training (see preprocessing/README.md).")
+    p = RankZeroParser(prog="dataset_tools.py",
+                       description="Preprocess an image dataset for REG training (see preprocessing/README.md).")
     sub = p.add_subparsers(dest="command", required=True)
     cpu_workers = min(8, os.cpu_count() or 1)
 
