@@ -143,6 +143,9 @@ def test_stop_step_is_the_releases_epoch_count():
     assert optimizer_steps_per_epoch(100, 8, 1, 5) == 3                           # 5 + 5 + a closing 2
     assert optimizer_steps_per_epoch(100, 4, 2, 1) == 12                          # floor(floor(100 / 4) / 2)
     assert optimizer_steps_per_epoch(1_281_167, 32, 8, 1) == 5004                 # ImageNet at 256: 1400 epochs > 4M steps
+    # measured on the release's train.py (20 images, --batch-size 4): --epochs 1 stopped at step 5;
+    # --gradient-accumulation-steps 2 --epochs 2 stopped at step 6 (2 + 2 + 1 micro-batches per epoch)
+    assert optimizer_steps_per_epoch(20, 4, 1, 1) == 5 and 2 * optimizer_steps_per_epoch(20, 4, 1, 2) == 6
 
 
 def test_batch_size_is_per_micro_batch_and_epochs_stop_the_run(digits_data, tmp_path, monkeypatch):
