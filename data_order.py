@@ -26,9 +26,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __init__(self, n, local_batch, rank, world, seed, start_microbatch=0):
         self.n, self.b, self.rank, self.world, self.seed = n, local_batch, rank, world, seed
-        self.per_epoch = n // (local_batch * world)
-        if self.per_epoch == 0:
-            raise ValueError(f"dataset of {n} images is smaller than one global micro-batch ({local_batch * world})")
+        self.per_epoch = microbatches_per_epoch(n, local_batch, world)
         self.start = start_microbatch
 
     def __iter__(self):
@@ -42,6 +40,21 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):  # infinite stream; DataLoader only needs this for progress estimates
         return 2 ** 62
+
+
+def microbatches_per_epoch(n: int, local_batch: int, world: int) -> int:
+    """Whole global micro-batches in one pass over n images: the release's loader length per process
+    (drop_last, then split over the processes: floor(floor(n / local_batch) / world), the same number)."""
+    per_epoch = n // (local_batch * world)
+    if per_epoch == 0:
+        raise ValueError(f"dataset of {n} images is smaller than one global micro-batch ({local_batch * world})")
+    return per_epoch
+
+
+def optimizer_steps_per_epoch(n: int, local_batch: int, world: int, accumulation: int) -> int:
+    """The release's optimizer steps per epoch: Accelerate closes an accumulation at the end of its
+    loader, so a last, shorter one counts as a step: ceil(micro-batches / accumulation)."""
+    return -(-microbatches_per_epoch(n, local_batch, world) // accumulation)
 
 
 class DataPosition:

@@ -60,8 +60,8 @@ def projection_loss(zs: Sequence[torch.Tensor], zs_tilde: Sequence[torch.Tensor]
     """REPA alignment: mean over encoders, samples and tokens of the negative cosine similarity.
 
     Same value as the release's per-sample loop (sum over samples / (encoders x batch)),
-    computed for the whole batch at once with the features normalised in float32
-    (fp16 normalisation was reported to go NaN late in training)."""
+    computed for the whole batch at once with the features normalised in float32, as in the
+    release (whose Accelerate-prepared forward returns float32 outputs)."""
     if len(zs) != len(zs_tilde):
         raise ValueError(f"got {len(zs)} encoder feature sets but the model has {len(zs_tilde)} projectors")
     losses = []
@@ -182,13 +182,15 @@ def contrastive_flow_matching(output: torch.Tensor, target: torch.Tensor) -> tor
 class REGObjective:
     """The training objective: named terms and the weights that make the total.
 
-        loss = loss_mean + proj_coeff * proj_loss + cls_coeff * loss_mean_cls  [+ cfm_coeff * cfm_loss]
+        loss_final = loss_mean + proj_coeff * proj_loss_raw + cls_coeff * loss_mean_cls_raw  [+ cfm_coeff * cfm_loss_raw]
 
-    Calling it returns a dict of scalar tensors: ``loss`` (to backpropagate), every raw term
-    (``loss_mean``: image v-loss, ``proj_loss``: REPA alignment, ``loss_mean_cls``: class-token
-    v-loss, ``cfm_loss`` when on) and every weighted one (``<name>_weighted``). Training logs
-    whatever names come back, so a new term is this class plus one flag.
-    (The release logged proj_loss and loss_mean_cls already weighted; here both are kept.)"""
+    Calling it returns a dict of scalar tensors under the release's logged names: ``loss_final``
+    (the total, to backpropagate), ``loss_mean`` (image v-loss, weight 1), ``proj_loss`` and
+    ``loss_mean_cls`` (REPA alignment and class-token v-loss, already weighted, as the release
+    logged them; ``cfm_loss`` likewise when on), and every unweighted term as ``<name>_raw``.
+    Training logs whatever names come back, so a new term is this class plus one flag."""
+
+    TOTAL = "loss_final"
 
     def __init__(self, proj_coeff: float = 0.5, cls_coeff: float = 0.03, path_type: str = "linear",
                  weighting: str = "uniform", prediction: str = "v", time_shift: float = 1.0,
@@ -197,7 +199,7 @@ class REGObjective:
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.loss = SILoss(prediction=prediction, path_type=path_type, weighting=weighting, time_shift=time_shift)
-        # name of a raw term -> its weight in the total (the image v-loss has weight 1)
+        # name of a weighted term -> its weight in the total (the image v-loss has weight 1)
         self.weights = {"proj_loss": float(proj_coeff), "loss_mean_cls": float(cls_coeff)}
         if cfm_coeff > 0:
             self.weights["cfm_loss"] = float(cfm_coeff)
@@ -205,17 +207,16 @@ class REGObjective:
     @property
     def term_names(self) -> list[str]:
         """The names a call returns, in order (stable for a given configuration)."""
-        return ["loss", "loss_mean", *self.weights, *(f"{k}_weighted" for k in self.weights)]
+        return [self.TOTAL, "loss_mean", *self.weights, *(f"{k}_raw" for k in self.weights)]
 
     def __call__(self, model, x, y, zs=None, cls_token=None, **model_kwargs) -> dict[str, torch.Tensor]:
         out = self.loss.terms(model, x, dict(y=y, **model_kwargs), zs=zs, cls_token=cls_token)
-        raw = {"loss_mean": out["denoising_loss"].mean(), "proj_loss": out["proj_loss"].mean(),
-               "loss_mean_cls": out["denoising_loss_cls"].mean()}
+        raw = {"proj_loss": out["proj_loss"].mean(), "loss_mean_cls": out["denoising_loss_cls"].mean()}
         if "cfm_loss" in self.weights:
             raw["cfm_loss"] = contrastive_flow_matching(out["output"], out["target"])
-        total = raw["loss_mean"]
+        total = loss_mean = out["denoising_loss"].mean()
         weighted = {}
-        for name, weight in self.weights.items():
-            weighted[f"{name}_weighted"] = weight * raw[name]
-            total = total + weighted[f"{name}_weighted"]
-        return {"loss": total, **raw, **weighted}
+        for name, weight in self.weights.items():      # the release's order of sums
+            weighted[name] = weight * raw[name]
+            total = total + weighted[name]
+        return {self.TOTAL: total, "loss_mean": loss_mean, **weighted, **{f"{k}_raw": v for k, v in raw.items()}}

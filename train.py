@@ -33,7 +33,7 @@ from optim import ADAM_IMPLS, GuardedAdamW
 from runtime import DEFAULT_TIMEOUT_MIN, forget_process_state, last_line, launcher_env, resolve_device
 from tracking import MetricsLog, logger, start_logging, tracker_problem
 from train_step import train_step
-from training_run import build
+from training_run import build, label_dropout, release_flag_warnings
 
 
 #################################################################################
@@ -117,7 +117,11 @@ def _data_args(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=str, required=True, help="preprocessed dataset (see Data preparation)")
     g.add_argument("--resolution", type=int, default=256, help="image resolution; must match the data")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch (all processes, all accumulation steps)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per micro-batch over all processes, as released (an optimizer step sees it x "
+                        "--gradient-accumulation-steps); default 256 unless --total-batch-size is given")
+    g.add_argument("--total-batch-size", type=int, default=None,
+                   help="images per optimizer step over all processes and accumulation steps (instead of --batch-size)")
     g.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes per training process")
     g.add_argument("--cached-features", choices=["auto", "yes", "no"], default="auto",
                    help="use the dataset's cached encoder outputs instead of running the encoder")
@@ -138,7 +142,9 @@ def _runtime_args(p) -> None:
 
 def _optimisation_args(p) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1400, help="accepted for the release's command lines; training stops at --max-train-steps")
+    g.add_argument("--epochs", type=int, default=1400,
+                   help="stop after this many epochs or at --max-train-steps, whichever comes first (an epoch: the "
+                        "release's, ceil(micro-batches per epoch / accumulation) optimizer steps; counted from step 0)")
     g.add_argument("--max-train-steps", type=int, default=1_000_000, help="optimizer steps to train for (total, across resumes)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate (constant)")
@@ -162,14 +168,25 @@ def _loss_args(p) -> None:
     g = p.add_argument_group("loss")
     g.add_argument("--path-type", type=str, default="linear", choices=list(PATH_TYPES), help="interpolant")
     g.add_argument("--prediction", type=str, default="v", choices=list(PREDICTIONS), help="network target")
-    g.add_argument("--cfg-prob", type=float, default=0.1, help="class-label dropout for classifier-free guidance")
+    g.add_argument("--cfg-prob", type=float, default=0.1,
+                   help="as released: ignored in training (labels dropped at 0.1) except by --legacy; "
+                        "--label-dropout sets the rate")
+    g.add_argument("--label-dropout", type=float, default=None,
+                   help="class-label dropout for classifier-free guidance (default: 0.1, the release's fixed rate; "
+                        "0: no null class)")
     g.add_argument("--enc-type", type=str, default="dinov2-vit-b", help="comma-separated encoder names")
-    g.add_argument("--proj-coeff", type=float, default=0.5, help="REPA alignment weight (0: no projectors)")
+    g.add_argument("--proj-coeff", type=float, default=0.5,
+                   help="REPA alignment weight (0: the projectors are still built and the term weighted 0, as released)")
+    g.add_argument("--projectors", action=argparse.BooleanOptionalAction, default=True,
+                   help="REPA projectors and the alignment term (--no-projectors: neither, i.e. no alignment)")
     g.add_argument("--weighting", default="uniform", type=str, choices=list(WEIGHTINGS), help="time sampling: U(0,1) or log-normal")
     g.add_argument("--cls", "--cls-coeff", dest="cls", type=float, default=0.03,
-                   help="REG class-token loss weight (0: no class token, i.e. plain REPA)")
+                   help="REG class-token loss weight (0: the token stays in the input, its loss weighted 0, as released)")
+    g.add_argument("--class-token", action=argparse.BooleanOptionalAction, default=True,
+                   help="REG's class token (--no-class-token: none, i.e. plain REPA, or SiT with --no-projectors)")
     g.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
-                   help="accepted for the release's command lines; no effect in training")
+                   help="the release's early runs: labels dropped at --cfg-prob before the model drops them again "
+                        "(~19%% null labels at 0.1)")
     g.add_argument("--cfm-coeff", type=float, default=0.0,
                    help="contrastive flow matching weight (SpeedrunDiT: 0.05; 0: off, the release)")
     g.add_argument("--time-shift", action=argparse.BooleanOptionalAction, default=False,
@@ -191,8 +208,14 @@ def check_args(args, parser):
     """Cheap checks before anything heavy starts; each failure is one clear line."""
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
-    if args.batch_size < 1 or args.gradient_accumulation_steps < 1:
-        parser.error("--batch-size and --gradient-accumulation-steps must be positive")
+    if args.batch_size is not None and args.total_batch_size is not None:
+        parser.error("give --batch-size (per micro-batch, as released) or --total-batch-size (per optimizer step), not both")
+    if args.batch_size is None and args.total_batch_size is None:
+        args.batch_size = 256
+    if any(v is not None and v < 1 for v in (args.batch_size, args.total_batch_size, args.gradient_accumulation_steps)):
+        parser.error("--batch-size, --total-batch-size and --gradient-accumulation-steps must be positive")
+    if args.epochs < 1:
+        parser.error(f"--epochs must be positive, got {args.epochs}")
     if args.max_train_steps < 1 or args.checkpointing_steps < 1 or args.log_every < 1:
         parser.error("--max-train-steps, --checkpointing-steps and --log-every must be positive")
     if args.keep_every < 0 or args.keep_every % args.checkpointing_steps:
@@ -204,12 +227,16 @@ def check_args(args, parser):
         parser.error(f"--shift-base must be positive, got {args.shift_base}")
     if not 0 <= args.cfg_prob < 1:
         parser.error(f"--cfg-prob must be in [0, 1), got {args.cfg_prob}")
+    if args.label_dropout is not None and not 0 <= args.label_dropout < 1:
+        parser.error(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    if args.legacy and label_dropout(args) == 0:
+        parser.error("--legacy drops labels to the null class, which needs --label-dropout > 0")
     if args.nonfinite_patience < 1:
         parser.error(f"--nonfinite-patience must be >= 1, got {args.nonfinite_patience}")
     if args.dist_timeout <= 0:
         parser.error(f"--dist-timeout must be positive (minutes), got {args.dist_timeout}")
     depth = SIT_CONFIGS[args.model][0]
-    if (args.proj_coeff > 0) and not 1 <= args.encoder_depth <= depth:
+    if args.projectors and not 1 <= args.encoder_depth <= depth:
         parser.error(f"--encoder-depth must be in 1..{depth} for {args.model}, got {args.encoder_depth}")
     if args.compile and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
         parser.error(f"--compile needs torch >= 2.5 (one compiled graph for all SiT blocks), found {torch.__version__}")
@@ -226,6 +253,9 @@ def check_args(args, parser):
         resolve_device(args.device, local_rank, world)
     except ValueError as e:
         parser.error(str(e))
+    if os.environ.get("RANK", "0") == "0":
+        for line in release_flag_warnings(args, world):
+            print(f"warning: {line}", file=sys.stderr)
     problem = tracker_problem(args.report_to)       # last: it may ask the wandb server
     if problem:
         parser.error(problem)
@@ -255,31 +285,31 @@ def train(args, parser) -> None:
     if state.step == 0:
         torch.manual_seed(args.seed + run.rank)  # the release's per-process seed for t, noise and label dropout
     start_logging(run)
-    log = MetricsLog(os.path.join(run.exp_dir, "metrics.jsonl"), acc, args.batch_size, state.step)
+    log = MetricsLog(os.path.join(run.exp_dir, "metrics.jsonl"), acc, run.step_images, state.step)
     grids = online_eval.SampleGrids(run)
     evaluate = online_eval.build(run, parser)
     data = iter(make_loader(run.dataset, run.local_batch, run.rank, run.world, args.seed,
                             run.data_position.microbatch, args.num_workers, run.device.type == "cuda"))
-    progress = tqdm(total=args.max_train_steps, initial=state.step, desc="train", dynamic_ncols=True,
+    progress = tqdm(total=run.stop_step, initial=state.step, desc="train", dynamic_ncols=True,
                     disable=not acc.is_main_process)
-    if state.step >= args.max_train_steps and acc.is_main_process:
-        logger.info(f"already at step {state.step} >= --max-train-steps {args.max_train_steps}; nothing to do")
+    if state.step >= run.stop_step and acc.is_main_process:
+        logger.info(f"already at step {state.step} >= {run.stop_reason}; nothing to do")
     state.forward.train()
     try:
-        while state.step < args.max_train_steps:
+        while state.step < run.stop_step:
             batches = next_batches(data, args.gradient_accumulation_steps, state.step)
             for note in run.dataset.skipped_notes(batches):    # replacements made in loader workers
                 logger.warning(note)
             log.add(train_step(state, batches, run.objective, run.prepare))
             progress.update(1)
             check_nonfinite(run)
-            step, last = state.step, state.step == args.max_train_steps
+            step, last = state.step, state.step == run.stop_step
             scores = evaluate() if evaluate and step % args.fid_every == 0 else None
             if scores is not None:
                 log.exclude(scores.get("eval_seconds", 0.0))
             if step % args.log_every == 0 or step % args.checkpointing_steps == 0 or last or scores is not None:
                 logs = log.flush(step, scores)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}" if logs["loss"] is not None else "nan",
+                progress.set_postfix(loss=f"{logs['loss_final']:.4f}" if logs["loss_final"] is not None else "nan",
                                      img_s=f"{logs['images_per_sec']:.1f}")
                 check_nonfinite(run, logs)
                 if acc.is_main_process:
@@ -308,7 +338,7 @@ def check_nonfinite(run, logs: dict | None = None) -> None:
     if isinstance(opt, GuardedAdamW) and opt.consecutive >= args.nonfinite_patience:
         raise FloatingPointError(f"{opt.consecutive} consecutive steps up to step {run.state.step} had a non-finite "
                                  f"loss or gradient (updates skipped); {last_good()} (try --precision bf16 or a lower lr)")
-    if args.nonfinite == "stop" and logs is not None and logs["loss"] is None:
+    if args.nonfinite == "stop" and logs is not None and logs["loss_final"] is None:
         raise FloatingPointError(f"non-finite loss at or before step {run.state.step}; {last_good()} "
                                  "(try --precision bf16 or a lower lr, or --nonfinite skip)")
 

@@ -5,9 +5,11 @@
 #   MODEL=SiT-B/2 ENCODER_DEPTH=4 bash train.sh       # no preset: the variables below
 #   NUM_NODES=4 NODE_RANK=$i MAIN_ADDR=host0 bash train.sh reg-xl2-4m    # multi-node: once per node
 # The full command is printed before it runs. Rerunning the same command resumes from the newest
-# checkpoint of $EXP_NAME. Ablations: CLS=0 trains plain REPA (no class token); CLS=0 PROJ_COEFF=0
-# plain SiT. With a preset, a recipe variable you set (MODEL ... MIXED_PRECISION) wins over the preset's
-# value, e.g. CLS=0 bash train.sh reg-b2-400k; EXTRA_ARGS="..." adds any train.py flag (it wins too).
+# checkpoint of $EXP_NAME. Ablations: EXTRA_ARGS=--no-class-token trains plain REPA; EXTRA_ARGS="--no-class-token
+# --no-projectors" plain SiT (CLS=0 / PROJ_COEFF=0 mean what they meant in the release: the class token or the
+# projectors stay, their loss weighted 0). With a preset, a recipe variable you set (MODEL ... MIXED_PRECISION)
+# wins over the preset's value, e.g. BATCH_SIZE=128 bash train.sh reg-b2-400k; EXTRA_ARGS="..." adds any
+# train.py flag (it wins too).
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -80,7 +80,7 @@ def train_step(state: TrainState, micro_batches, objective: REGObjective, prepar
             inputs["route"] = route
         with state.no_sync(i == n - 1), state.autocast():
             terms = objective(state.forward, **inputs)
-        state.scaler.scale(terms["loss"] / n).backward()
+        state.scaler.scale(terms["loss_final"] / n).backward()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0) + value.detach().float() / n
     state.scaler.unscale_(getattr(state.optimizer, "optimizer", state.optimizer))
@@ -107,16 +107,23 @@ class Prepare:
     class-token-only cache: the class token from the cache, the patch tokens from the encoders).
     REG aligns class + patch tokens; plain REPA/SiT models align the patch tokens only."""
 
-    def __init__(self, model, device, scale: float, bias: float, encoders=(), use_features=False, autocast=None):
+    def __init__(self, model, device, scale: float, bias: float, encoders=(), use_features=False, autocast=None,
+                 legacy_drop: float | None = None):
         self.device, self.scale, self.bias = device, scale, bias
         self.encoders, self.use_features = list(encoders), use_features
         self.align, self.cls_dim = bool(model.z_dims), model.cls_token_dim
         self.autocast = autocast or contextlib.nullcontext
+        self.legacy_drop, self.null_class = legacy_drop, model.num_classes
 
     def __call__(self, batch) -> dict:
         moments = batch["moments"].to(self.device, non_blocking=True)
-        x = sample_latents(moments, self.scale, self.bias)                     # (N, C, h, w)
         y = batch["label"].to(self.device, non_blocking=True)
+        if self.legacy_drop is not None:
+            # The release's --legacy: a first label dropout before the model's own (its early runs
+            # dropped twice), drawn where it drew it: before the latents' noise.
+            drop = torch.rand(y.shape[0], device=y.device) < self.legacy_drop
+            y = torch.where(drop, self.null_class, y)
+        x = sample_latents(moments, self.scale, self.bias)                     # (N, C, h, w)
         if not (self.use_features or self.encoders):
             return dict(x=x, y=y)
         cls_list = tok_list = None

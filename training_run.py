@@ -19,7 +19,7 @@ import torch
 import cli
 from checkpoint import (Checkpointer, RNGStates, check_data_fits, checkpoint_config, init_weights_from,
                         read_checkpoint)
-from data_order import DataPosition
+from data_order import DataPosition, optimizer_steps_per_epoch
 from loss import REGObjective, resolution_shift
 from models.sit import SIT_CONFIGS
 from optim import GuardedAdamW, make_optimizer
@@ -46,7 +46,7 @@ def load_data(run, parser) -> None:
 
     args = run.args
     raise_open_file_limit()              # ulimit -n up to the hard limit, for this process and its loader workers
-    run.needs_encoder = args.proj_coeff > 0 or args.cls > 0
+    run.needs_encoder = args.projectors or args.class_token
     try:
         run.enc_types = parse_enc_types(args.enc_type) if run.needs_encoder else []
         weights = {}
@@ -62,7 +62,7 @@ def load_data(run, parser) -> None:
         parser.error(f"--resolution {args.resolution} does not match the data in {args.data_dir} ({run.dataset.resolution})")
     kind = run.dataset.feature_kind if run.needs_encoder else "none"
     run.use_features = kind != "none"
-    run.online_encoders = run.needs_encoder and (kind == "none" or (kind == "cls" and args.proj_coeff > 0))
+    run.online_encoders = run.needs_encoder and (kind == "none" or (kind == "cls" and args.projectors))
 
 
 def start_processes(run, parser) -> None:
@@ -95,10 +95,8 @@ def start_processes(run, parser) -> None:
                      "check the launcher's settings (--cpu / --device)")
     run.device, run.world, run.rank = acc.device, acc.num_processes, acc.process_index
     run.procs = Procs.joined(acc.process_index, acc.num_processes, acc.local_process_index, acc.device)
-    run.local_batch, rem = divmod(args.batch_size, run.world * args.gradient_accumulation_steps)
-    if rem or run.local_batch == 0:
-        parser.error(f"--batch-size {args.batch_size} is not divisible by processes x accumulation steps "
-                     f"({run.world} x {args.gradient_accumulation_steps})")
+    run.local_batch = micro_batch(args, run.world, parser)
+    run.step_images = run.local_batch * run.world * args.gradient_accumulation_steps
     if len(run.dataset) < run.local_batch * run.world:       # before anything is written
         parser.error(f"one micro-batch of all processes ({run.local_batch * run.world} samples) is larger than the "
                      f"dataset in {args.data_dir} ({len(run.dataset)} samples); lower --batch-size")
@@ -121,7 +119,7 @@ def build_model(run, parser) -> None:
     args, dataset, acc = run.args, run.dataset, run.accelerator
     channels, size = dataset.latent_shape[0] // 2, dataset.latent_shape[-1]
     patch = SIT_CONFIGS[args.model][3]
-    if args.proj_coeff > 0 and not args.resume_from:
+    if args.projectors and not args.resume_from:
         try:
             check_token_count(run.enc_types, args.resolution, (size // patch) ** 2)
         except ValueError as e:
@@ -134,9 +132,9 @@ def build_model(run, parser) -> None:
     z_dims = ([dataset.encoder_widths[e] for e in run.enc_types] if run.use_features
               else [e.embed_dim for e in run.encoders])
     config = dict(input_size=size, in_channels=channels, num_classes=args.num_classes or dataset.num_classes,
-                  class_dropout_prob=args.cfg_prob, z_dims=z_dims if args.proj_coeff > 0 else [],
+                  class_dropout_prob=label_dropout(args), z_dims=z_dims if args.projectors else [],
                   projector_dim=args.projector_dim, encoder_depth=args.encoder_depth,
-                  cls_token_dim=z_dims[0] if args.cls > 0 else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn,
+                  cls_token_dim=z_dims[0] if args.class_token else 0, qk_norm=args.qk_norm, fused_attn=args.fused_attn,
                   norm=args.norm, rope=args.rope, pos_embed=args.pos_embed, value_residual=args.value_residual,
                   routing=args.routing, route_start=args.route_start, route_end=args.route_end,
                   route_drop=args.route_drop, path_drop=args.path_drop)
@@ -183,13 +181,16 @@ def build_training(run, parser) -> None:
                            forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
                            seed=args.seed, rank=run.rank, world=run.world)
     shift = resolution_shift(run.latent_shape, args.shift_base) if args.time_shift else 1.0
-    run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
+    run.objective = REGObjective(proj_coeff=args.proj_coeff if args.projectors else 0.0,
+                                 cls_coeff=args.cls if args.class_token else 0.0, path_type=args.path_type,
                                  weighting=args.weighting, prediction=args.prediction, time_shift=shift,
                                  cfm_coeff=args.cfm_coeff)
     run.prepare = Prepare(model, run.device, run.dataset.latent_scale, run.dataset.latent_bias, run.encoders,
-                          run.use_features, autocast=run.state.autocast)
+                          run.use_features, autocast=run.state.autocast,
+                          legacy_drop=args.cfg_prob if args.legacy else None)
     run.rng = RNGStates(run.procs.gather, run.rank, run.world, run.device)
     run.data_position = DataPosition(run.state, args.gradient_accumulation_steps, run.world, run.local_batch, args.seed)
+    run.stop_step, run.stop_reason = stop_step(args, len(run.dataset), run.local_batch, run.world, parser)
 
 
 PROBE_BYTES = 1 << 20   # a full disk still lets an empty file be created: the probe writes real bytes
@@ -215,3 +216,63 @@ def write_problem(folder: str) -> str | None:
         with contextlib.suppress(OSError):
             os.remove(probe)
     return None
+
+
+#################################################################################
+#                 What the release's flags mean (and the project's own)          #
+#################################################################################
+# The release's spellings keep the release's meanings, non-default values included (a command
+# line ported from the release or a paper's appendix trains what it trained there); the project's
+# own meanings have their own flags: --total-batch-size, --label-dropout, --no-class-token,
+# --no-projectors.
+
+RELEASE_LABEL_DROPOUT = 0.1     # the release's SiT default; its train.py never passes --cfg-prob to the model
+
+
+def label_dropout(args) -> float:
+    """The model's label dropout: --label-dropout, else the release's fixed 0.1 (whatever --cfg-prob says)."""
+    return RELEASE_LABEL_DROPOUT if args.label_dropout is None else args.label_dropout
+
+
+def micro_batch(args, world: int, parser) -> int:
+    """Images per process and micro-batch. --batch-size is the release's: per micro-batch over all
+    processes, floored per process (an optimizer step sees it x accumulation); --total-batch-size is
+    per optimizer step and must divide exactly."""
+    accumulation = args.gradient_accumulation_steps
+    if args.total_batch_size is not None:
+        local, rem = divmod(args.total_batch_size, world * accumulation)
+        if rem or local == 0:
+            parser.error(f"--total-batch-size {args.total_batch_size} is not divisible by processes x accumulation "
+                         f"steps ({world} x {accumulation})")
+        return local
+    local = args.batch_size // world
+    if local == 0:
+        parser.error(f"--batch-size {args.batch_size} is smaller than the number of processes ({world})")
+    return local
+
+
+def stop_step(args, n_images: int, local_batch: int, world: int, parser) -> tuple[int, str]:
+    """The last optimizer step: --max-train-steps or --epochs epochs, whichever comes first. The
+    release's epoch is its loader's length (drop_last) and Accelerate closes an accumulation at the
+    end of each epoch, so an epoch is ceil(micro-batches / accumulation) optimizer steps. Counted
+    from step 0 (the release restarts its epoch count when it resumes)."""
+    try:
+        per_epoch = optimizer_steps_per_epoch(n_images, local_batch, world, args.gradient_accumulation_steps)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.epochs * per_epoch < args.max_train_steps:
+        return args.epochs * per_epoch, f"--epochs {args.epochs} ({per_epoch} steps each)"
+    return args.max_train_steps, f"--max-train-steps {args.max_train_steps}"
+
+
+def release_flag_warnings(args, world: int) -> list[str]:
+    """One line for each release meaning kept although no one should want it, naming the better flag."""
+    lines = []
+    if args.total_batch_size is None and args.batch_size % world and args.batch_size >= world:
+        lines.append(f"--batch-size {args.batch_size} over {world} processes: {args.batch_size // world} per process "
+                     f"as released, {args.batch_size // world * world} per micro-batch; use a multiple of {world} "
+                     "or --total-batch-size")
+    if not args.legacy and args.cfg_prob != RELEASE_LABEL_DROPOUT:
+        lines.append(f"--cfg-prob {args.cfg_prob} is ignored in training, as in the release (labels are dropped at "
+                     f"{label_dropout(args)}); --label-dropout sets the rate")
+    return lines

@@ -75,7 +75,7 @@ OBJECTIVE = REGObjective(proj_coeff=0.5, cls_coeff=0.03)
 def step(state, batch):
     """One training step: the project's ``train_step`` (REGObjective, the guarded foreach AdamW,
     the EMA, and for routed models the step's route drawn from (seed, step) as in training)."""
-    return train_step(state, [batch], OBJECTIVE, prepare=lambda b: b)["loss"]
+    return train_step(state, [batch], OBJECTIVE, prepare=lambda b: b)["loss_final"]
 
 
 def forward_backward(state, batch):
@@ -86,7 +86,7 @@ def forward_backward(state, batch):
     if route is not None:
         inputs["route"] = route
     with state.autocast():
-        loss = OBJECTIVE(state.forward, **inputs)["loss"]
+        loss = OBJECTIVE(state.forward, **inputs)["loss_final"]
     loss.backward()
     state.model.zero_grad(set_to_none=True)
 

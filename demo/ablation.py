@@ -10,8 +10,8 @@ third seed, ``--seeds 0,1,2`` afterwards, added 10 minutes at load ~1.5. README:
 2. the data, as the built-in run makes it (make_digits, convert, fit-pca, encode) and the encoder's
    features cached by ``cache-features --enc-type dinov2-vit-tiny --enc-weights FILE`` (train.py
    checks the cache against ``REG_DINOV2_WEIGHTS=FILE``, which this script sets for it);
-3. per seed, three train.py runs that differ only in the ablation flags -- SiT (``--cls 0
-   --proj-coeff 0``), REPA (``--cls 0``), REG (defaults) -- each scored during training
+3. per seed, three train.py runs that differ only in the ablation flags -- SiT (``--no-class-token
+   --no-projectors``), REPA (``--no-class-token``), REG (defaults) -- each scored during training
    (``--fid-every``, ``--fid-metric digits``: FD on a digit classifier's features and the digit
    accuracy, evaluations/digits.py) at the same steps on the same K per-image seeds;
 4. table.md / table.json (FD and accuracy at each evaluated step, per run, mean and spread over
@@ -42,8 +42,8 @@ from checkpoint import checkpoint_paths  # noqa: E402
 from demo.plot_loss import read_metrics  # noqa: E402
 
 METHODS = {                      # name -> the ablation flags (everything else identical)
-    "SiT": ["--cls", "0", "--proj-coeff", "0"],
-    "REPA": ["--cls", "0"],
+    "SiT": ["--no-class-token", "--no-projectors"],
+    "REPA": ["--no-class-token"],
     "REG": [],
 }
 ENCODER = "dinov2-vit-tiny"
@@ -327,7 +327,7 @@ def collect(args, runs: dict) -> dict:
                          "accuracy": {s: row.get(acc_key) for s, row in evals.items()},
                          "eval_seconds": sum(row.get("eval_seconds", 0.0) for row in evals.values()),
                          "final_losses": {key: rows.get(args.steps, {}).get(key) for key in
-                                          ("loss_mean", "proj_loss", "loss_mean_cls")}}
+                                          ("loss_mean", "proj_loss_raw", "loss_mean_cls_raw")}}
         steps = sorted(set(evals) if steps is None else set(steps) & set(evals))
     summary = {}
     for metric in ("fd", "accuracy"):

@@ -36,7 +36,7 @@ def main(argv=None):
     by_step = read_metrics(args.metrics)
     steps = sorted(by_step)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, title in zip(axes, ["loss_mean", "loss_mean_cls", "proj_loss"],
+    for ax, key, title in zip(axes, ["loss_mean", "loss_mean_cls_raw", "proj_loss_raw"],
                               ["image v-loss", "class-token v-loss (raw)", "alignment (neg. cosine, raw)"]):
         ax.plot(steps, [by_step[s][key] for s in steps])
         ax.set_title(title)

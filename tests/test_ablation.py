@@ -181,7 +181,7 @@ def test_ablation_script_runs_three_runs_writes_table_and_plot_and_a_rerun_resum
     first = ablation.main(argv + ["--steps", "2"])
     assert sorted(first["runs"]) == ["reg-s0", "repa-s0", "sit-s0"] and first["steps"] == [2]
     printed = capsys.readouterr().out
-    assert "--cls 0 --proj-coeff 0" in printed and "--enc-weights" in printed
+    assert "--no-class-token --no-projectors" in printed and "--enc-weights" in printed
     # interrupted at step 2 of 4: the rerun skips the data, encoder and features and resumes every run
     result = ablation.main(argv + ["--steps", "4"])
     printed = capsys.readouterr().out

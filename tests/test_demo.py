@@ -59,7 +59,7 @@ def test_the_builtin_pipeline_runs_end_to_end_in_process(tmp_path, capsys):
     logs = [json.loads(line) for line in open(exp / "metrics.jsonl")]
     assert [r["step"] for r in logs] == [5, 10]
     assert logs[-1]["loss_mean"] < logs[0]["loss_mean"]          # training lowered the image loss
-    assert logs[-1]["loss_mean_cls"] < logs[0]["loss_mean_cls"]
+    assert logs[-1]["loss_mean_cls_raw"] < logs[0]["loss_mean_cls_raw"]
     acc = json.load(open(out / "digit_accuracy.json"))
     assert acc["num_samples"] == 10 and 0 <= acc["accuracy"] <= 1 and acc["classifier_train_accuracy"] > 0.95
     metrics = json.load(open(out / "samples_eval.metrics.json"))

@@ -394,11 +394,14 @@ def test_objective_terms_and_weights_equal_the_release_total():
     terms = REGObjective(proj_coeff=0.5, cls_coeff=0.03)(StubModel(zs_tilde), x, y, zs=zs, cls_token=cls)
     torch.manual_seed(3)
     release = SILoss()(StubModel(zs_tilde), x, dict(y=y), zs=zs, cls_token=cls)
-    assert list(terms) == ["loss", "loss_mean", "proj_loss", "loss_mean_cls", "proj_loss_weighted",
-                           "loss_mean_cls_weighted"]
-    assert torch.equal(terms["loss"], total_loss(release))                      # bitwise: same order of sums
-    assert torch.equal(terms["proj_loss_weighted"], 0.5 * release.proj_loss)
-    assert torch.equal(terms["loss_mean_cls_weighted"], 0.03 * release.denoising_loss_cls.mean())
+    # the release's logged names, with its values: proj_loss and loss_mean_cls already weighted
+    assert list(terms) == ["loss_final", "loss_mean", "proj_loss", "loss_mean_cls", "proj_loss_raw",
+                           "loss_mean_cls_raw"]
+    assert torch.equal(terms["loss_final"], total_loss(release))                # bitwise: same order of sums
+    assert torch.equal(terms["proj_loss"], release.proj_loss.mean() * 0.5)
+    assert torch.equal(terms["loss_mean_cls"], release.denoising_loss_cls.mean() * 0.03)
+    assert torch.equal(terms["proj_loss_raw"], release.proj_loss.mean())
+    assert torch.equal(terms["loss_mean_cls_raw"], release.denoising_loss_cls.mean())
     with pytest.raises(ValueError, match="cls_coeff must be >= 0"):
         REGObjective(cls_coeff=-1)
 
@@ -414,9 +417,9 @@ def test_contrastive_flow_matching_term_on_hand_computed_tensors():
     torch.manual_seed(3)
     with_cfm = REGObjective(cfm_coeff=0.05)(StubModel([torch.randn(4, 4, 6, dtype=torch.float64)]), x, y, zs=zs,
                                             cls_token=cls)
-    assert "cfm_loss" in with_cfm and with_cfm["cfm_loss_weighted"] == 0.05 * with_cfm["cfm_loss"]
-    rest = with_cfm["loss_mean"] + with_cfm["proj_loss_weighted"] + with_cfm["loss_mean_cls_weighted"]
-    assert torch.equal(with_cfm["loss"], rest + with_cfm["cfm_loss_weighted"])
+    assert "cfm_loss" in with_cfm and with_cfm["cfm_loss"] == 0.05 * with_cfm["cfm_loss_raw"]
+    rest = with_cfm["loss_mean"] + with_cfm["proj_loss"] + with_cfm["loss_mean_cls"]
+    assert torch.equal(with_cfm["loss_final"], rest + with_cfm["cfm_loss"])
     assert "cfm_loss" not in REGObjective()(StubModel([torch.randn(4, 4, 6, dtype=torch.float64)]), x, y, zs=zs,
                                              cls_token=cls)
 

@@ -13,6 +13,7 @@ def test_readme_few_lines_example_runs(single_thread):
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
     terms = namespace["terms"]
-    assert set(terms) >= {"loss", "loss_mean", "proj_loss", "loss_mean_cls", "grad_norm", "finite"}
+    assert set(terms) >= {"loss_final", "loss_mean", "proj_loss", "loss_mean_cls", "proj_loss_raw", "loss_mean_cls_raw", "grad_norm",
+                          "finite"}
     assert bool(terms["finite"]) and namespace["state"].step == 1
     assert namespace["z"].shape == (8, 4, 32, 32)

@@ -50,8 +50,8 @@ def test_exact_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     # the logged losses of steps 4..6 are the same numbers too
-    la = [m["loss"] for m in read_metrics(tmp_path / "straight")][3:]
-    lb = [m["loss"] for m in read_metrics(tmp_path / "split")][3:]
+    la = [m["loss_final"] for m in read_metrics(tmp_path / "straight")][3:]
+    lb = [m["loss_final"] for m in read_metrics(tmp_path / "split")][3:]
     assert la == lb
     # a resumed checkpoint is self-describing and readable with weights_only=True
     raw = torch.load(tmp_path / "split/checkpoints/0000006.pt", weights_only=True)
@@ -66,21 +66,24 @@ def test_training_lowers_the_loss_and_uses_cached_features(data_dir, tmp_path):
     logs = read_metrics(tmp_path / "learn")
     first, last = logs[0], logs[-1]
     assert last["loss_mean"] < 0.9 * first["loss_mean"], (first, last)
-    assert last["proj_loss"] < first["proj_loss"]           # alignment improves (negative cosine)
-    assert last["loss_mean_cls"] < first["loss_mean_cls"]
-    # raw and weighted terms are both logged, the weights being 0.5 and 0.03
-    assert last["proj_loss_weighted"] == pytest.approx(0.5 * last["proj_loss"], rel=1e-5)
-    assert last["loss_mean_cls_weighted"] == pytest.approx(0.03 * last["loss_mean_cls"], rel=1e-5)
+    assert last["proj_loss_raw"] < first["proj_loss_raw"]   # alignment improves (negative cosine)
+    assert last["loss_mean_cls_raw"] < first["loss_mean_cls_raw"]
+    # the release's names carry the release's (weighted) values, the raw terms are *_raw; weights 0.5, 0.03
+    assert last["proj_loss"] == pytest.approx(0.5 * last["proj_loss_raw"], rel=1e-5)
+    assert last["loss_mean_cls"] == pytest.approx(0.03 * last["loss_mean_cls_raw"], rel=1e-5)
+    assert last["loss_final"] == pytest.approx(last["loss_mean"] + last["proj_loss"] + last["loss_mean_cls"], rel=1e-5)
 
 
-@pytest.mark.parametrize("flags, cls_dim, z_dims", [(dict(cls=0), 0, [64]), (dict(cls=0, proj_coeff=0), 0, []),
-                                                     (dict(proj_coeff=0), 64, [])])
+@pytest.mark.parametrize("flags, cls_dim, z_dims", [(dict(no_class_token=None), 0, [64]),
+                                                     (dict(no_class_token=None, no_projectors=None), 0, []),
+                                                     (dict(no_projectors=None), 64, []),
+                                                     (dict(cls=0, proj_coeff=0), 64, [64])])   # the release's meaning
 def test_ablations_build_repa_and_sit(data_dir, tmp_path, flags, cls_dim, z_dims):
     train.main(base_args(data_dir, tmp_path, "abl", 2, **flags))
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "abl/checkpoints/0000002.pt"))
     assert ckpt["model_config"]["cls_token_dim"] == cls_dim
     assert ckpt["model_config"]["z_dims"] == z_dims
-    assert all(np.isfinite(m["loss"]) for m in read_metrics(tmp_path / "abl"))
+    assert all(np.isfinite(m["loss_final"]) for m in read_metrics(tmp_path / "abl"))
 
 
 def test_gradient_accumulation_counts_optimizer_steps(data_dir, tmp_path):
@@ -100,7 +103,7 @@ def _poison_steps(monkeypatch, steps):
         out = real(self, *a, **k)
         calls["n"] += 1
         if steps == "all" or calls["n"] in steps:
-            out["loss"] = out["loss"] * float("nan")
+            out["loss_final"] = out["loss_final"] * float("nan")
         return out
     monkeypatch.setattr(loss_module.REGObjective, "__call__", poisoned)
     return calls
@@ -132,7 +135,7 @@ def test_an_isolated_nonfinite_step_is_skipped_and_the_run_goes_on(data_dir, tmp
     assert {float(st["step"]) for st in four["opt"]["state"].values()} == {3.0}          # 3 real updates
     logs = read_metrics(tmp_path / "skip")
     assert [m["skipped_steps"] for m in logs] == [0, 1, 0, 0]
-    assert logs[1]["grad_norm"] is None and logs[1]["loss"] is None                     # strict JSON: null
+    assert logs[1]["grad_norm"] is None and logs[1]["loss_final"] is None                     # strict JSON: null
     assert all(m["grad_norm"] is not None for i, m in enumerate(logs) if i != 1)
 
 
@@ -185,7 +188,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     (("--encoder-depth", "9"), "--encoder-depth must be in 1..4"),
     (("--resolution", "36"), "multiple of 8"),
     (("--resolution", "64"), "does not match the data"),
-    (("--gradient-accumulation-steps", "3"), "not divisible by processes x accumulation"),
+    (("--total-batch-size", "8"), "give --batch-size (per micro-batch, as released) or --total-batch-size"),
+    (("--epochs", "0"), "--epochs must be positive"),
     (("--enc-type", "dinov3-vit-q"), "dinov3-vit-q"),
     (("--data-dir", "/nonexistent/data"), "does not exist"),
     (("--precision", "fp8"), "expected one of fp32, fp16, bf16"),
@@ -362,5 +366,5 @@ def test_grad_checkpointing_trains_the_same_weights(data_dir, tmp_path):
     a = checkpoint.load_checkpoint(str(tmp_path / "plain/checkpoints/0000003.pt"))
     b = checkpoint.load_checkpoint(str(tmp_path / "ckpt/checkpoints/0000003.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert [m["loss"] for m in read_metrics(tmp_path / "plain")] == [m["loss"] for m in read_metrics(tmp_path / "ckpt")]
+    assert [m["loss_final"] for m in read_metrics(tmp_path / "plain")] == [m["loss_final"] for m in read_metrics(tmp_path / "ckpt")]
     assert "grad_checkpointing" not in b["model_config"]                        # not part of the architecture
