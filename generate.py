@@ -135,6 +135,7 @@ class SampleSettings:
     guidance_high: float = 1.0
     path_type: str = "linear"
     time_shift: float = 1.0
+    path_drop_guidance: bool = False
     precision: str = "fp32"
     class_balanced: bool = False
     num_classes: int | None = None
@@ -154,7 +155,8 @@ class SampleSettings:
         """Keyword arguments of the sampler (samplers.SAMPLERS[mode])."""
         return dict(num_steps=self.num_steps, heun=self.heun, cfg_scale=self.cfg_scale,
                     guidance_low=self.guidance_low, guidance_high=self.guidance_high, path_type=self.path_type,
-                    cls_cfg_scale=self.cls_cfg_scale, time_shift=self.time_shift)
+                    cls_cfg_scale=self.cls_cfg_scale, time_shift=self.time_shift,
+                    path_drop_guidance=self.path_drop_guidance)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -371,6 +373,10 @@ def build_parser() -> RankZeroParser:
     g.add_argument("--shift-base", type=int, default=None,
                    help=f"latent size (C h w) without shift; default the checkpoint's, else {DEFAULT_SHIFT_BASE}")
 
+    g.add_argument("--path-drop-guidance", "--path-drop", dest="path_drop_guidance", action=b, default=False,
+                   help="path-drop guidance (SPRINT; --routing sprint checkpoints only): the unconditional branch "
+                        "runs without the sparse path (--path-drop: SpeedrunDiT's spelling, whose default is on)")
+
     g = p.add_argument_group("seeding and output")
     g.add_argument("--seed-scheme", choices=["per-image", "release"], default="per-image")
     g.add_argument("--class-balanced", "--balanced-sampling", dest="class_balanced", action=b, default=False,
@@ -542,6 +548,9 @@ def check_flags(parser: RankZeroParser, args, model, facts: dict) -> None:
                         f"{'with' if cfg['qk_norm'] else 'without'} QK-norm")
     if args.path_type is not None and facts["path_type"] and args.path_type != facts["path_type"]:
         problems.append(f"--path-type {args.path_type} but the checkpoint was trained on the {facts['path_type']} path")
+    if args.path_drop_guidance and cfg.get("routing") != "sprint":
+        problems.append(f"--path-drop-guidance needs a checkpoint trained with --routing sprint "
+                        f"(this one has routing {cfg.get('routing', 'none')!r})")
     if args.cfg_scale > 1.0 and cfg["class_dropout_prob"] <= 0:
         problems.append("--cfg-scale > 1 needs a model trained with class dropout (it has no null class)")
     if problems:
@@ -578,7 +587,8 @@ def settings_from_args(args, model, shift: float) -> SampleSettings:
     return SampleSettings(
         mode=args.mode, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
         cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-        path_type=args.path_type, time_shift=shift, precision=args.precision, class_balanced=args.class_balanced,
+        path_type=args.path_type, time_shift=shift, path_drop_guidance=args.path_drop_guidance,
+        precision=args.precision, class_balanced=args.class_balanced,
         num_classes=model.config["num_classes"], seed=args.seed, decode_batch_size=args.decode_batch_size,
     )
 
@@ -602,6 +612,8 @@ def run_key(args, model, facts: dict, spec: str, resolution: int, world_size: in
     )
     if shift != 1.0:  # absent when off, as in sidecars written before time shifting existed
         key["time_shift"] = shift
+    if args.path_drop_guidance:  # likewise
+        key["path_drop_guidance"] = True
     if args.seed_scheme == "release":  # the release's noise depends on the layout of the work
         key.update(world_size=world_size, per_proc_batch_size=args.per_proc_batch_size)
     return json.loads(json.dumps(key))  # tuples -> lists, as read back from disk
