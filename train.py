@@ -172,6 +172,8 @@ def _loss_args(p) -> None:
                    help="accepted for the release's command lines; no effect in training")
     g.add_argument("--cfm-coeff", type=float, default=0.0,
                    help="contrastive flow matching weight (SpeedrunDiT: 0.05; 0: off, the release)")
+    g.add_argument("--cfm-weighting", choices=["uniform", "linear"], default="uniform",
+                   help="CFM term per sample: uniform, or linear = weighted by its time t (SpeedrunDiT's option)")
     g.add_argument("--time-shift", action=argparse.BooleanOptionalAction, default=False,
                    help="shift t by sqrt(latent elements / --shift-base) (SD3/SpeedrunDiT); sampling follows")
     g.add_argument("--shift-base", type=int, default=4096,
@@ -655,7 +657,7 @@ def build_training(run, parser) -> None:
     shift = resolution_shift(run.latent_shape, args.shift_base) if args.time_shift else 1.0
     run.objective = REGObjective(proj_coeff=args.proj_coeff, cls_coeff=args.cls, path_type=args.path_type,
                                  weighting=args.weighting, prediction=args.prediction, time_shift=shift,
-                                 cfm_coeff=args.cfm_coeff)
+                                 cfm_coeff=args.cfm_coeff, cfm_weighting=args.cfm_weighting)
     run.prepare = Prepare(model, run.device, run.dataset.latent_scale, run.dataset.latent_bias, run.encoders,
                           run.use_features, autocast=run.state.autocast)
     run.rng = RNGStates(lambda obj: gather_objects(acc, obj), run.rank, run.world, run.device)
