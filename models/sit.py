@@ -31,6 +31,8 @@ bitwise the release's model. Each is a constructor argument recorded in ``model.
 
 Routing is drawn by the trainer (``route = model.draw_route(n, generator)``) and passed to
 ``forward(..., route=route)``; ``route=None`` (sampling, evaluation) is the dense model.
+``forward(..., drop_sparse_path=True)`` (SPRINT, sampling) skips the routed blocks and fuses the mask
+token in their place: the model of SPRINT's path-drop steps, used by path-drop guidance (samplers.py).
 ``model.grad_checkpointing = True`` recomputes each block's activations in the backward pass; it
 changes no weight and no number and is not part of ``model.config``.
 """

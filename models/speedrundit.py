@@ -150,6 +150,6 @@ def adapt_checkpoint(ckpt: dict) -> dict:
                               if c == (config["depth"], config["hidden_size"], config["num_heads"], config["patch_size"])),
                              args.get("model"))
     out["layout"] = "speedrundit"
-    if isinstance(ckpt.get("opt"), dict):
+    if isinstance(ckpt.get("opt"), dict) and ckpt["opt"].get("param_groups"):
         out["opt"] = adapt_optimizer_state(ckpt["opt"], their_names, _our_parameter_order(config))
     return out
