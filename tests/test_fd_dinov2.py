@@ -152,3 +152,52 @@ def test_full_vit_l14_official_layout_round_trip(tmp_path):
     det = fd.DINOv2Features.from_weights(path)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 256, 256), dtype=np.uint8))
     torch.testing.assert_close(det(images), fd.DINOv2Features(vit)(images), rtol=0, atol=0)
+
+
+def test_evaluator_and_online_metric_report_fd_dinov2(tmp_path, monkeypatch):
+    """The evaluator adds FD-DINOv2 beside ADM's numbers, from the same npz; --fid-metric fd_dinov2
+    builds the same metric. (A small ViT stands in for ViT-L/14: the wiring is what is tested.)"""
+    import argparse
+
+    from evaluations import evaluator, inception
+    import online_eval
+
+    torch.manual_seed(0)
+    vit = fd.vit_l14(depth=1, width=64, heads=2)
+    monkeypatch.setattr(fd, "load_vit_l14", lambda weights: vit)
+    weights = tmp_path / fd.WEIGHTS_NAME
+    weights.write_bytes(b"stand-in")
+    rng = np.random.default_rng(0)
+    ref, sample = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "sample.npz", arr_0=sample)
+    incep = tmp_path / "inception.pth"                                 # Inception stubbed: not under test here
+    incep.write_bytes(b"stand-in")
+
+    class StubInception:
+        def __init__(self, weights, device):
+            pass
+
+        def __call__(self, images):
+            x = np.asarray(images, np.float64).reshape(len(images), -1)[:, :64]
+            rep = lambda d: np.resize(x, (len(x), d)).astype(np.float32) / 255   # noqa: E731
+            return {"pool": rep(inception.POOL_DIM), "spatial": rep(inception.SPATIAL_DIM),
+                    "logits": rep(inception.NUM_LOGITS)}
+    monkeypatch.setattr(inception, "InceptionFeatures", StubInception)
+    det = fd.DINOv2Features(vit)
+    want = fd.fd_dinov2(fd.statistics(det.nhwc(sample)), fd.statistics(det.nhwc(ref)))
+    details = {}
+    got = evaluator.evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz", incep, device="cpu", fid_method="lowrank",
+                             details=details, fd_dinov2_weights=str(weights))
+    assert {"fid", "sfid", "inception_score", "precision", "recall"} < got.keys()
+    assert got["fd_dinov2"] == pytest.approx(want, rel=1e-9) and want > 0
+    assert details["fd_dinov2_weights_sha256"] == evaluator.file_sha256(weights)
+    assert (tmp_path / "ref.fd_dinov2.npz").is_file()
+    monkeypatch.delenv(fd.WEIGHTS_ENV, raising=False)                  # off without weights
+    assert "fd_dinov2" not in evaluator.evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz", incep, device="cpu",
+                                                 fid_method="lowrank")
+    # in training: --fid-metric fd_dinov2 (weights from the env variable), activations gathered per process
+    monkeypatch.setenv(fd.WEIGHTS_ENV, str(weights))
+    metric = online_eval.build_metric(argparse.Namespace(fid_metric="fd_dinov2", fid_ref=str(tmp_path / "ref.npz")), "cpu")
+    parts = [metric.activations(sample[:2]), metric.activations(sample[2:])]
+    assert metric.metrics_from_activations(parts)["fd_dinov2"] == pytest.approx(want, rel=1e-9)
