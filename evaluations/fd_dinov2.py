@@ -201,8 +201,15 @@ def source_images(source, batch_size: int = 64):
             yield from arr.batches(batch_size)
         return
     files = list_images(source)
+    shape = None
     for i in range(0, len(files), batch_size):
-        yield np.stack([load_image(p, None) for p in files[i:i + batch_size]])
+        batch = [load_image(p, None) for p in files[i:i + batch_size]]
+        shape = shape or batch[0].shape
+        odd = next((p for p, img in zip(files[i:], batch) if img.shape != shape), None)
+        if odd is not None:
+            raise ValueError(f"FD-DINOv2 reference folder {str(source)!r}: {odd.name} is not {shape[1]}x{shape[0]} like "
+                             "the others; use images of one size (as EDM2's dataset_tool writes them)")
+        yield np.stack(batch)
 
 
 def reference_statistics(detector: DINOv2Features, source, weights_sha256: str, batch_size: int = 64,

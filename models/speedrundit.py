@@ -93,8 +93,8 @@ def to_speedrundit_state_dict(model: SiT) -> dict:
     """Our SPRINT model's weights in SpeedrunDiT's layout and key order (RoPE tables included)."""
     cfg = model.config
     expected = speedrundit_config_of(model)
-    if any(cfg[k] != v for k, v in expected.items()):
-        raise ValueError("only a model with SpeedrunDiT's settings maps to its layout: "
+    if any(cfg[k] != v for k, v in expected.items()) or not cfg["cls_token_dim"]:
+        raise ValueError("only a REG model with SpeedrunDiT's settings maps to its layout: "
                          + ", ".join(f"{k}={v!r}" for k, v in expected.items()))
     back = {v: k for k, v in RENAMES.items()}
     ours = model.state_dict()
@@ -112,7 +112,8 @@ def speedrundit_config_of(model: SiT) -> dict:
     """The options SpeedrunDiT's model code fixes, for ``model``'s depth."""
     depth = model.config["depth"]
     return dict(norm="rmsnorm", rope=True, pos_embed="sincos", value_residual=True, routing="sprint",
-                route_start=SPRINT_DENSE_HEAD, route_end=depth - SPRINT_DENSE_HEAD, encoder_depth=SPRINT_DENSE_HEAD)
+                route_start=SPRINT_DENSE_HEAD, route_end=depth - SPRINT_DENSE_HEAD, encoder_depth=SPRINT_DENSE_HEAD,
+                route_drop=ROUTE_DROP, path_drop=PATH_DROP)
 
 
 def _our_parameter_order(config: dict) -> list[str]:

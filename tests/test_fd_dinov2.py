@@ -128,6 +128,9 @@ def test_reference_statistics_cached_by_weights(tmp_path):
     assert (tmp_path / "images.fd_dinov2.npz").is_file()
     np.testing.assert_allclose(mu3, mu, atol=1e-12)
     np.testing.assert_allclose(sigma3, sigma, atol=1e-10)
+    Image.fromarray(images[0][:16]).save(folder / "odd.png")
+    with pytest.raises(ValueError, match="odd.png is not 32x32"):
+        fd.reference_statistics(det, folder, "a" * 64)
 
 
 def test_missing_weights_one_line(monkeypatch, tmp_path):

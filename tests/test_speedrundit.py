@@ -90,6 +90,11 @@ def test_speedrundit_checkpoint_loads_strictly_samples_and_resumes(tmp_path):
             assert torch.equal(opt2.state_dict()["state"][i][key], ours["state"][i][key]), our_names[i]
 
 
+def test_only_speedrundit_settings_export():
+    with pytest.raises(ValueError, match="only a REG model with SpeedrunDiT's settings"):
+        sr.to_speedrundit_state_dict(tiny_sprint(value_residual=False))
+
+
 def test_speedrundit_bad_rope_table_is_refused():
     sd = sr.to_speedrundit_state_dict(tiny_sprint())
     sd["feat_rope.freqs_cos"] = sd["feat_rope.freqs_cos"] * 0.5
