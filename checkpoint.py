@@ -9,7 +9,8 @@ Layout of ``{output_dir}/{exp_name}/checkpoints/{step:07d}.pt`` (keys of the rel
     autoencoder     the latent codec spec the data was encoded with; enc_types: encoder names
     scaler, rng, data   resume state (grad scaler, RNG states per rank, data-loader position)
 The release's checkpoints (argparse Namespace in ``args``, no ``model_config``) also load: the
-architecture is then read off the state_dict's shapes.
+architecture is then read off the state_dict's shapes. SpeedrunDiT's are mapped to this layout on
+loading (models/speedrundit.py).
 
 Next to each checkpoint, ``{step:07d}.pt.sha256`` is its integrity record (integrity.py), written
 after it; loading checks it (a damaged checkpoint is named and, on resume, the next older intact one
@@ -33,6 +34,7 @@ import disk_space
 import integrity
 from fileio import atomic_torch_save, remove_stale_temp_files
 from models.sit import SIT_CONFIGS, SiT, complete_config
+from models.speedrundit import adapt_checkpoint
 from runtime import one_line
 
 logger = logging.getLogger("train")
@@ -86,7 +88,7 @@ def load_checkpoint(path: str, map_location="cpu", verify: bool = True, log=None
         raise ValueError(f"{path} is not a SiT/REG/REPA training checkpoint (no 'model' or 'ema' key)")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
-    return ckpt
+    return adapt_checkpoint(ckpt)   # SpeedrunDiT's layout -> ours (a no-op for other checkpoints)
 
 
 def checkpoint_paths(folder: str) -> list[tuple[int, str]]:

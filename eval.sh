@@ -45,6 +45,7 @@ SEED=${SEED:-0}
 VAE=${VAE:-}                    # ema | mse
 VAE_PATH=${VAE_PATH:-}          # local diffusers AutoencoderKL folder (no network; or export REG_VAE_PATH)
 INCEPTION_WEIGHTS=${INCEPTION_WEIGHTS:-}
+FD_DINOV2_WEIGHTS=${FD_DINOV2_WEIGHTS:-${REG_FD_DINOV2_WEIGHTS:-}}   # dinov2_vitl14_pretrain.pth: also report FD-DINOv2
 EXTRA_ARGS=${EXTRA_ARGS:-}      # e.g. "--class-balanced" or "--seed-scheme release"
 
 preset=()
@@ -94,4 +95,5 @@ if [[ -z "$REF_BATCH" ]]; then
 fi
 eval_args=("$REF_BATCH" "$SAMPLE_DIR/$NAME.npz")
 if [[ -n "$INCEPTION_WEIGHTS" ]]; then eval_args+=(--inception-weights "$INCEPTION_WEIGHTS"); fi
+if [[ -n "$FD_DINOV2_WEIGHTS" ]]; then eval_args+=(--fd-dinov2-weights "$FD_DINOV2_WEIGHTS"); fi
 "$PYTHON" "$ROOT/evaluations/evaluator.py" "${eval_args[@]}"

@@ -105,6 +105,9 @@ def build_parser() -> RankZeroParser:
                         "checkpoint was trained (its args time_shift), off if not recorded")
     g.add_argument("--shift-base", type=int, default=None,
                    help=f"latent size (C h w) without shift; default the checkpoint's, else {SHIFT_BASE}")
+    g.add_argument("--path-drop-guidance", "--path-drop", dest="path_drop_guidance", action=b, default=False,
+                   help="path-drop guidance (SPRINT; --routing sprint checkpoints only): the unconditional branch "
+                        "runs without the sparse path (--path-drop: SpeedrunDiT's spelling; its sampler has it on)")
 
     g = p.add_argument_group("seeding and output")
     g.add_argument("--seed-scheme", choices=["per-image", "release"], default="per-image")
@@ -232,6 +235,9 @@ def check_flags(parser: RankZeroParser, args, model, facts: dict) -> None:
                         f"{'with' if cfg['qk_norm'] else 'without'} QK-norm")
     if args.path_type is not None and facts["path_type"] and args.path_type != facts["path_type"]:
         problems.append(f"--path-type {args.path_type} but the checkpoint was trained on the {facts['path_type']} path")
+    if args.path_drop_guidance and cfg.get("routing") != "sprint":
+        problems.append(f"--path-drop-guidance needs a checkpoint trained with --routing sprint "
+                        f"(this one has routing {cfg.get('routing', 'none')!r})")
     if args.cfg_scale > 1.0 and cfg["class_dropout_prob"] <= 0:
         problems.append("--cfg-scale > 1 needs a model trained with class dropout (it has no null class)")
     if problems:
@@ -268,7 +274,8 @@ def settings_from_args(args, model, shift: float) -> SampleSettings:
     return SampleSettings(
         mode=args.mode, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
         cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-        path_type=args.path_type, time_shift=shift, precision=args.precision, class_balanced=args.class_balanced,
+        path_type=args.path_type, time_shift=shift, path_drop_guidance=args.path_drop_guidance,
+        precision=args.precision, class_balanced=args.class_balanced,
         num_classes=model.config["num_classes"], seed=args.seed, decode_batch_size=args.decode_batch_size,
     )
 

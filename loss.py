@@ -171,12 +171,23 @@ class SILoss:
                          out["denoising_loss_cls"])
 
 
-def contrastive_flow_matching(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+CFM_WEIGHTINGS = ("uniform", "linear")
+
+
+def contrastive_flow_matching(output: torch.Tensor, target: torch.Tensor, weighting: str = "uniform",
+                              t: torch.Tensor | None = None) -> torch.Tensor:
     """Contrastive flow matching's extra term (Stoica et al. 2025, as SpeedrunDiT uses it): minus the
     mean squared distance between each prediction and the target of ANOTHER sample (the batch
-    rolled by one), pushing flows of different samples apart. Added with a small weight (0.05)."""
+    rolled by one), pushing flows of different samples apart. Added with a small weight (0.05).
+    ``weighting="linear"`` (SpeedrunDiT's --cfm-weighting linear) weights each sample's squared
+    distances by its (shifted) time t (N, 1, 1, 1) before the mean: strongest near the noise."""
+    if weighting not in CFM_WEIGHTINGS:
+        raise ValueError(f"cfm weighting must be one of {CFM_WEIGHTINGS}, got {weighting!r}")
     negatives = torch.roll(target, shifts=1, dims=0)
-    return -((output - negatives) ** 2).mean()
+    sq = (output - negatives) ** 2                                     # (N, C, H, W)
+    if weighting == "linear":
+        sq = sq * t.reshape(-1, *([1] * (sq.ndim - 1)))
+    return -sq.mean()
 
 
 class REGObjective:
@@ -194,13 +205,16 @@ class REGObjective:
 
     def __init__(self, proj_coeff: float = 0.5, cls_coeff: float = 0.03, path_type: str = "linear",
                  weighting: str = "uniform", prediction: str = "v", time_shift: float = 1.0,
-                 cfm_coeff: float = 0.0):
+                 cfm_coeff: float = 0.0, cfm_weighting: str = "uniform"):
         for name, value in (("proj_coeff", proj_coeff), ("cls_coeff", cls_coeff), ("cfm_coeff", cfm_coeff)):
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.loss = SILoss(prediction=prediction, path_type=path_type, weighting=weighting, time_shift=time_shift)
         # name of a weighted term -> its weight in the total (the image v-loss has weight 1)
         self.weights = {"proj_loss": float(proj_coeff), "loss_mean_cls": float(cls_coeff)}
+        if cfm_weighting not in CFM_WEIGHTINGS:
+            raise ValueError(f"cfm_weighting must be one of {CFM_WEIGHTINGS}, got {cfm_weighting!r}")
+        self.cfm_weighting = cfm_weighting
         if cfm_coeff > 0:
             self.weights["cfm_loss"] = float(cfm_coeff)
 
@@ -213,7 +227,8 @@ class REGObjective:
         out = self.loss.terms(model, x, dict(y=y, **model_kwargs), zs=zs, cls_token=cls_token)
         raw = {"proj_loss": out["proj_loss"].mean(), "loss_mean_cls": out["denoising_loss_cls"].mean()}
         if "cfm_loss" in self.weights:
-            raw["cfm_loss"] = contrastive_flow_matching(out["output"], out["target"])
+            raw["cfm_loss"] = contrastive_flow_matching(out["output"], out["target"], self.cfm_weighting,
+                                                        out["time_input"])
         total = loss_mean = out["denoising_loss"].mean()
         weighted = {}
         for name, weight in self.weights.items():      # the release's order of sums

@@ -37,7 +37,7 @@ from samplers import euler_sampler
 
 logger = logging.getLogger("train")
 
-METRICS = ("adm", "digits")
+METRICS = ("adm", "digits", "fd_dinov2")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fid-num-samples", type=int, default=10000, help="K images per evaluation (names say K)")
     g.add_argument("--fid-ref", default=None, help="reference batch (ADM's .npz, e.g. VIRTUAL_imagenet256_labeled.npz)")
     g.add_argument("--fid-metric", choices=METRICS, default="adm",
-                   help="adm: IS/FID/sFID/precision/recall on Inception features; digits: the built-in data's metric")
+                   help="adm: IS/FID/sFID/precision/recall on Inception features (+ FD-DINOv2 when "
+                        "$REG_FD_DINOV2_WEIGHTS is set); fd_dinov2: EDM2's FD-DINOv2 only (--fid-ref: a reference "
+                        "batch or an image folder); digits: the built-in data's metric")
     g.add_argument("--fid-inception-weights", default=None, help="Inception weights (default: $REG_INCEPTION_WEIGHTS)")
     g.add_argument("--fid-mode", choices=["sde", "ode"], default="sde", help="sampler (the paper's evaluation: sde)")
     g.add_argument("--fid-num-steps", type=int, default=250)
@@ -62,7 +64,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def check_args(args, parser) -> None:
     if args.fid_every < 0 or args.fid_num_samples < 1 or args.fid_batch_size < 1:
         parser.error("--fid-every must be >= 0; --fid-num-samples and --fid-batch-size positive")
-    if args.fid_every and args.fid_metric == "adm" and not args.fid_ref:
+    if args.fid_every and args.fid_metric in ("adm", "fd_dinov2") and not args.fid_ref:
         parser.error("--fid-every needs --fid-ref (a reference batch, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     # the sampler settings follow generate.py's own rules
     keys = ("num_steps", "cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high", "seed")
@@ -142,6 +144,9 @@ def build_metric(args, device):
     if args.fid_metric == "digits":
         from evaluations.digits import DigitsMetric
         return DigitsMetric(device=device)
+    if args.fid_metric == "fd_dinov2":
+        from evaluations.fd_dinov2 import FDDINOv2Metric
+        return FDDINOv2Metric(args.fid_ref, device=device)        # weights: $REG_FD_DINOV2_WEIGHTS
     from evaluations.evaluator import Evaluator
     return Evaluator(args.fid_ref, args.fid_inception_weights, device=device)
 

@@ -35,6 +35,8 @@ def run_key(args, model, facts: dict, spec: str, resolution: int, world_size: in
     )
     if shift != 1.0:  # absent when off, as in sidecars written before time shifting existed
         key["time_shift"] = shift
+    if args.path_drop_guidance:  # likewise
+        key["path_drop_guidance"] = True
     if args.seed_scheme == "release":  # the release's noise depends on the layout of the work
         key.update(world_size=world_size, per_proc_batch_size=args.per_proc_batch_size)
     return json.loads(json.dumps(key))  # tuples -> lists, as read back from disk

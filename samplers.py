@@ -9,7 +9,10 @@
 Both: classifier-free guidance when cfg_scale > 1 and guidance_low <= t <= guidance_high (t of the
 step's start, for both Heun evaluations); the batch is doubled as [conditional; null class]; the
 class token is guided with ``cls_cfg_scale`` if > 0, else left conditional, and it is never dropped
-for the unconditional branch (as released). State is kept in float64; the network runs in the
+for the unconditional branch (as released). ``path_drop_guidance=True`` (path-drop guidance, SPRINT's
+paper; models trained with ``routing="sprint"`` only): the unconditional branch runs without the sparse
+path (``drop_sparse_path``, the mask token fused in its place), as a second network call beside the
+conditional one, as SpeedrunDiT's ``euler_maruyama_sampler_path_drop`` does. State is kept in float64; the network runs in the
 latents' dtype. Models without a class token (REPA, SiT) are sampled the same way.
 ``time_shift`` s (1 = none, the default) maps the time grid through loss.time_shift,
 t -> s t / (1 + (s - 1) t) (SpeedrunDiT's resolution shift); the guidance interval is tested on the
@@ -160,7 +163,9 @@ def replay_draws(sampler, latents, y, noise: NoiseSource, cls_latents=None, **kw
     (num_steps, cfg_scale, ...). Returns the draws as (shape, dtype, device type). Valid for any
     sampler whose draws do not depend on the network's outputs."""
     recorder = RecordingNoise(noise)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("noise", "noise_fn", "return_cls", "null_class")}
+    # path-drop guidance changes the network calls, not the draws (the zero network has no SPRINT path)
+    kwargs = {k: v for k, v in kwargs.items()
+              if k not in ("noise", "noise_fn", "return_cls", "null_class", "path_drop_guidance")}
     with torch.no_grad():
         sampler(_ZeroVelocity(0), latents, y, cls_latents=cls_latents, noise=recorder, null_class=0, **kwargs)
     return recorder.log
@@ -205,11 +210,15 @@ class _Drift:
     on the whole (possibly doubled) batch before guidance mixes the halves, as released."""
 
     def __init__(self, model, y, null_class, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
-                 path_type, dtype, sde):
+                 path_type, dtype, sde, path_drop_guidance=False):
         self.model, self.y, self.dtype, self.sde, self.path_type = model, y, dtype, sde, path_type
         self.cfg_scale, self.cls_cfg_scale = cfg_scale, cls_cfg_scale
         self.low, self.high = guidance_low, guidance_high
         self.y_null = _null_labels(model, y, null_class) if cfg_scale > 1.0 else None
+        self.path_drop = bool(path_drop_guidance)
+        if self.path_drop and getattr(model, "routing", None) != "sprint":
+            raise ValueError("path-drop guidance needs a model trained with --routing sprint "
+                             f"(this one has routing={getattr(model, 'routing', 'none')!r}); drop the option")
 
     def guided(self, t) -> bool:
         return self.cfg_scale > 1.0 and self.low <= t <= self.high
@@ -221,10 +230,17 @@ class _Drift:
         else:
             x_in, y_in, cls_in = x, self.y, cls
         t_in = torch.ones(x_in.shape[0], device=x.device, dtype=torch.float64) * t
-        v, _, v_cls = self.model(
-            x_in.to(self.dtype), t_in.to(self.dtype), y=y_in,
-            cls_token=None if cls_in is None else cls_in.to(self.dtype), return_zs=False,
-        )
+        if guided and self.path_drop:  # conditional branch dense, unconditional without the sparse path
+            x_h, t_h = x.to(self.dtype), t_in[: x.shape[0]].to(self.dtype)
+            cls_h = None if cls is None else cls.to(self.dtype)
+            v_c, _, c_c = self.model(x_h, t_h, y=self.y, cls_token=cls_h, return_zs=False)
+            v_u, _, c_u = self.model(x_h, t_h, y=self.y_null, cls_token=cls_h, return_zs=False, drop_sparse_path=True)
+            v, v_cls = torch.cat([v_c, v_u]), None if cls is None else torch.cat([c_c, c_u])
+        else:
+            v, _, v_cls = self.model(
+                x_in.to(self.dtype), t_in.to(self.dtype), y=y_in,
+                cls_token=None if cls_in is None else cls_in.to(self.dtype), return_zs=False,
+            )
         d = self._drift(v.to(torch.float64), x_in, t_in, t)
         d_cls = None if cls is None else self._drift(v_cls.to(torch.float64), cls_in, t_in, t)
         if guided:
@@ -257,7 +273,7 @@ def _time_grid(t_steps, time_shift):
 def euler_maruyama_sampler(
     model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
     path_type="linear", cls_latents=None, cls_cfg_scale=0.0, null_class=None, return_cls=False,
-    noise=None, noise_fn=None, time_shift=1.0,
+    noise=None, noise_fn=None, time_shift=1.0, path_drop_guidance=False,
 ):
     """The release's SDE sampler. Per stochastic step it draws the image noise, then the class-token
     noise (``noise.randn_like`` of the float64 state), before calling the network. ``heun`` is
@@ -267,7 +283,7 @@ def euler_maruyama_sampler(
     noise = as_noise_source(noise, noise_fn)
     _check(num_steps, cfg_scale, guidance_low, guidance_high, time_shift)
     drift = _Drift(model, y, null_class, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
-                   path_type, latents.dtype, sde=True)
+                   path_type, latents.dtype, sde=True, path_drop_guidance=path_drop_guidance)
     t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
     t_steps = _time_grid(torch.cat([t_steps, torch.tensor([0.0], dtype=torch.float64)]), time_shift)
     x, cls = _prepare(latents, cls_latents)
@@ -293,7 +309,7 @@ def euler_maruyama_sampler(
 def euler_sampler(
     model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
     path_type="linear", cls_latents=None, cls_cfg_scale=0.0, null_class=None, return_cls=False,
-    noise=None, noise_fn=None, time_shift=1.0,
+    noise=None, noise_fn=None, time_shift=1.0, path_drop_guidance=False,
 ):
     """Deterministic probability-flow ODE dx/dt = v, Euler or Heun (REPA's grid and guidance rule).
     ``path_type`` and the noise do not enter (the network predicts the velocity directly; nothing
@@ -301,7 +317,7 @@ def euler_sampler(
     as_noise_source(noise, noise_fn)  # same argument checks as the SDE
     _check(num_steps, cfg_scale, guidance_low, guidance_high, time_shift)
     drift = _Drift(model, y, null_class, cfg_scale, cls_cfg_scale, guidance_low, guidance_high,
-                   path_type, latents.dtype, sde=False)
+                   path_type, latents.dtype, sde=False, path_drop_guidance=path_drop_guidance)
     t_steps = _time_grid(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), time_shift)
     x, cls = _prepare(latents, cls_latents)
     for i in range(num_steps):

@@ -77,6 +77,7 @@ class SampleSettings:
     guidance_high: float = 1.0
     path_type: str = "linear"
     time_shift: float = 1.0
+    path_drop_guidance: bool = False
     precision: str = "fp32"
     class_balanced: bool = False
     num_classes: int | None = None
@@ -96,7 +97,8 @@ class SampleSettings:
         """Keyword arguments of the sampler (samplers.SAMPLERS[mode])."""
         return dict(num_steps=self.num_steps, heun=self.heun, cfg_scale=self.cfg_scale,
                     guidance_low=self.guidance_low, guidance_high=self.guidance_high, path_type=self.path_type,
-                    cls_cfg_scale=self.cls_cfg_scale, time_shift=self.time_shift)
+                    cls_cfg_scale=self.cls_cfg_scale, time_shift=self.time_shift,
+                    path_drop_guidance=self.path_drop_guidance)
 
 
 def image_seed(seed: int, index: int) -> int:

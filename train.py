@@ -189,6 +189,8 @@ def _loss_args(p) -> None:
                         "(~19%% null labels at 0.1)")
     g.add_argument("--cfm-coeff", type=float, default=0.0,
                    help="contrastive flow matching weight (SpeedrunDiT: 0.05; 0: off, the release)")
+    g.add_argument("--cfm-weighting", choices=["uniform", "linear"], default="uniform",
+                   help="CFM term per sample: uniform, or linear = weighted by its time t (SpeedrunDiT's option)")
     g.add_argument("--time-shift", action=argparse.BooleanOptionalAction, default=False,
                    help="shift t by sqrt(latent elements / --shift-base) (SD3/SpeedrunDiT); sampling follows")
     g.add_argument("--shift-base", type=int, default=SHIFT_BASE,

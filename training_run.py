@@ -184,7 +184,7 @@ def build_training(run, parser) -> None:
     run.objective = REGObjective(proj_coeff=args.proj_coeff if args.projectors else 0.0,
                                  cls_coeff=args.cls if args.class_token else 0.0, path_type=args.path_type,
                                  weighting=args.weighting, prediction=args.prediction, time_shift=shift,
-                                 cfm_coeff=args.cfm_coeff)
+                                 cfm_coeff=args.cfm_coeff, cfm_weighting=args.cfm_weighting)
     run.prepare = Prepare(model, run.device, run.dataset.latent_scale, run.dataset.latent_bias, run.encoders,
                           run.use_features, autocast=run.state.autocast,
                           legacy_drop=args.cfg_prob if args.legacy else None)

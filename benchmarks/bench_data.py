@@ -129,11 +129,8 @@ def write_sparse_shards(root: str, n: int, r: int, shard: int, needed, blob: byt
 #################################################################################
 
 def loader(data_dir: str, batch: int, workers: int, world: int = 1):
+    from data_order import ResumableSampler
     from dataset import REGDataset
-    try:
-        from dataset import ResumableSampler
-    except ImportError:
-        from train import ResumableSampler
     ds = REGDataset(data_dir, use_features=False, load_images=True)   # the online-encoder case
     return ds, torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True, num_workers=workers,
                                            sampler=ResumableSampler(len(ds), batch, 0, world, seed=0),

@@ -9,7 +9,9 @@ to the reference batch (`<ref stem>.inception-acts.npz`, keyed by the weights' h
 and mtime), so repeated evaluations against one reference only run the network on the samples.
 
 Prints the five numbers in ADM's wording and writes them to `<sample stem>.metrics.json` next to the
-sample batch. See evaluations/README.md for the parity check against ADM's published numbers.
+sample batch. With DINOv2 ViT-L/14 weights (`--fd-dinov2-weights` or $REG_FD_DINOV2_WEIGHTS) it also
+reports EDM2's FD-DINOv2 of the same images (evaluations/fd_dinov2.py; reference statistics cached
+next to the reference batch as `<ref stem>.fd_dinov2.npz`). See evaluations/README.md for the parity check against ADM's published numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from evaluations import inception, metrics  # noqa: E402
+from evaluations import fd_dinov2, inception, metrics  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from fileio import atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
 
@@ -302,7 +304,10 @@ class Evaluator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         use_cache: bool = True,
         fid_method: str | None = None,
+        fd_dinov2_weights=None,
     ):
+        """``fd_dinov2_weights``: DINOv2 ViT-L/14 weights (None: $REG_FD_DINOV2_WEIGHTS if set) turn on
+        FD-DINOv2; False turns it off."""
         fid_method = fid_method or default_fid_method()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -322,6 +327,10 @@ class Evaluator:
             )
         self.model = inception.InceptionFeatures(self.weights, self.device)
         self._ref_acts = self._ref_stats = None
+        if fd_dinov2_weights is None:
+            fd_dinov2_weights = os.environ.get(fd_dinov2.WEIGHTS_ENV) or False
+        self.fdd = (fd_dinov2.FDDINOv2Metric(self.ref_path, fd_dinov2_weights, self.device, batch_size, use_cache)
+                    if fd_dinov2_weights else None)
 
     # ---- reference (lazy, kept) ----
     def reference(self) -> tuple[dict, tuple]:
@@ -353,7 +362,10 @@ class Evaluator:
             for key in out:
                 out[key].append(feats[key])
         dims = {"pool": inception.POOL_DIM, "spatial": inception.SPATIAL_DIM, "logits": inception.NUM_LOGITS}
-        return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32) for k, v in out.items()}
+        acts = {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32) for k, v in out.items()}
+        if self.fdd is not None:
+            acts.update(self.fdd.activations(images))
+        return acts
 
     def metrics_from_activations(self, acts, sample_stats=None) -> dict:
         """The five numbers from sample activations: one dict, or a list of dicts (e.g. gathered from
@@ -361,7 +373,7 @@ class Evaluator:
         (mu_s, sigma_s)) replaces the statistics of the activations for FID/sFID (ADM's rule for a
         sample batch that stores them)."""
         if isinstance(acts, (list, tuple)):
-            acts = {k: np.concatenate([a[k] for a in acts]) for k in ("pool", "spatial", "logits")}
+            acts = {k: np.concatenate([a[k] for a in acts]) for k in acts[0] if k in ("pool", "spatial", "logits", "dinov2")}
         _check_features_count(len(acts["pool"]))
         ref_acts, ref_stats = self.reference()
         _log("computing/reading sample batch statistics...")
@@ -382,13 +394,16 @@ class Evaluator:
         else:
             fid = metrics.frechet_distance_from_activations(acts["pool"], ref_mu, ref_sigma)
             sfid = metrics.frechet_distance_from_activations(acts["spatial"], ref_mu_s, ref_sigma_s)
-        return {
+        result = {
             "inception_score": metrics.inception_score(acts["logits"], split_size=IS_SPLIT_SIZE, from_logits=True),
             "fid": fid,
             "sfid": sfid,
             "precision": float(precision),
             "recall": float(recall),
         }
+        if self.fdd is not None and "dinov2" in acts:
+            result.update(self.fdd.metrics_from_activations(acts))
+        return result
 
     def evaluate(self, images) -> dict:
         """The five numbers of an in-memory uint8 batch (N, H, W, 3)."""
@@ -405,6 +420,10 @@ class Evaluator:
         self.reference()
         _log("computing sample batch activations...")
         acts = compute_activations(self.model, sample_npz_path, self.batch_size, "sample")
+        if self.fdd is not None:
+            self.fdd.reference()
+            acts["dinov2"] = np.concatenate([self.fdd.activations(batch)["dinov2"]
+                                             for batch in fd_dinov2.source_images(sample_npz_path, self.batch_size)])
         if sample_stats is not None:
             _log(f"using mu/sigma/mu_s/sigma_s stored in {sample_npz_path}")
         return self.metrics_from_activations(acts, sample_stats)
@@ -427,6 +446,7 @@ def evaluate(
     use_cache: bool = True,
     fid_method: str | None = None,
     details: dict | None = None,
+    fd_dinov2_weights=None,
 ) -> dict:
     """ADM's five numbers for a sample batch against a reference batch.
 
@@ -438,7 +458,7 @@ def evaluate(
     weights' hash (the CLI stores them in the JSON).
     """
     sample_shape = check_image_batch(sample_npz_path, "sample")      # before Inception loads: fail early
-    ev = Evaluator(ref_npz_path, inception_weights, device, batch_size, use_cache, fid_method)
+    ev = Evaluator(ref_npz_path, inception_weights, device, batch_size, use_cache, fid_method, fd_dinov2_weights)
     result = ev.evaluate_npz(sample_npz_path)
     if details is not None:
         details.update(
@@ -449,6 +469,8 @@ def evaluate(
             inception_weights_sha256=ev.weights_sha256,
             published_inception_weights=inception.is_published_weights(ev.weights_sha256),
         )
+        if ev.fdd is not None:
+            details.update(fd_dinov2_weights_sha256=ev.fdd.weights_sha256)
     return result
 
 
@@ -478,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"torch-fidelity's {inception.PUBLISHED_WEIGHTS_NAME} (default: ${inception.WEIGHTS_ENV})",
     )
+    parser.add_argument("--fd-dinov2-weights", default=None,
+                        help=f"DINOv2 ViT-L/14 weights ({fd_dinov2.WEIGHTS_NAME}; default ${fd_dinov2.WEIGHTS_ENV}): "
+                        "also report EDM2's FD-DINOv2 of the same images (off when neither is given)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per network call")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the reference activation cache")
@@ -550,12 +575,14 @@ def main(argv=None) -> dict:
     try:
         result = evaluate(args.ref_batch, args.sample_batch, inception_weights=args.inception_weights,
                           batch_size=args.batch_size, device=device, use_cache=not args.no_cache,
-                          fid_method=fid_method, details=details)
+                          fid_method=fid_method, details=details, fd_dinov2_weights=args.fd_dinov2_weights)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
 
     for label, key in RESULT_LINES:
         print(f"{label}:", result[key])
+    if "fd_dinov2" in result:
+        print("FD_DINOv2:", result["fd_dinov2"])
 
     out = metrics_json_path(args.sample_batch)
     payload = dict(result)

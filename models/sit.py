@@ -31,6 +31,8 @@ bitwise the release's model. Each is a constructor argument recorded in ``model.
 
 Routing is drawn by the trainer (``route = model.draw_route(n, generator)``) and passed to
 ``forward(..., route=route)``; ``route=None`` (sampling, evaluation) is the dense model.
+``forward(..., drop_sparse_path=True)`` (SPRINT, sampling) skips the routed blocks and fuses the mask
+token in their place: the model of SPRINT's path-drop steps, used by path-drop guidance (samplers.py).
 ``model.grad_checkpointing = True`` recomputes each block's activations in the backward pass; it
 changes no weight and no number and is not part of ``model.config``.
 """
@@ -346,7 +348,11 @@ class SprintFusion(nn.Module):
 
     def forward(self, f, g, index=None, drop_path=False):
         """f (N, L, D) dense head output; g the routed blocks' output, (N, K', D) at positions
-        index (N, K') of the sequence, or (N, L, D) when index is None (dense)."""
+        index (N, K') of the sequence, or (N, L, D) when index is None (dense), or None when the
+        sparse path was not run (path-drop guidance): the mask token on every token."""
+        if g is None:
+            g = self.mask_token.to(f.dtype).expand(f.shape)           # (N, L, D)
+            return self.proj(torch.cat([f, g], dim=-1)).to(f.dtype)
         mask = self.mask_token.to(g.dtype)
         if index is not None:
             g = _scatter_tokens(mask.expand(f.shape), index, g)       # (N, L, D), mask elsewhere
@@ -623,12 +629,19 @@ class SiT(nn.Module):
                 zs_out.extend(proj(x.reshape(-1, D)).reshape(N, L, -1) for proj in self.projectors)
         return x, v1
 
-    def forward(self, x, t, y, cls_token=None, return_zs: bool = True, route: Route | None = None):
+    def forward(self, x, t, y, cls_token=None, return_zs: bool = True, route: Route | None = None,
+                drop_sparse_path: bool = False):
         """x (N, C, H, W) latents, t (N,) in [0, 1], y (N,) labels (num_classes = null),
         cls_token (N, Z) noisy class token (REG models only).
         ``return_zs=False`` skips the projectors (sampling does not use them).
-        ``route`` (training with routing='sprint'/'tread'): from ``draw_route``; None = dense."""
+        ``route`` (training with routing='sprint'/'tread'): from ``draw_route``; None = dense.
+        ``drop_sparse_path`` (SPRINT, sampling): skip the routed blocks and fuse the mask token in
+        their place, the model SPRINT's path-drop training step teaches (path-drop guidance runs
+        the unconditional branch this way); the routed blocks' FLOPs are saved."""
         self._check_inputs(x, t, y, cls_token, route)
+        if drop_sparse_path and (self.routing != "sprint" or route is not None):
+            raise ValueError("drop_sparse_path (path-drop guidance) needs a model trained with routing='sprint' "
+                             f"and no route (this one has routing={self.routing!r})")
         x = self.x_embedder(x)                                         # (N, T, D)
         if self.cls_token_dim:
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(x.dtype)))  # (N, D)
@@ -647,24 +660,27 @@ class SiT(nn.Module):
         else:
             start, end = self.route_start, self.route_end
             f, v1 = self._run(0, start, x, c, rope, None, zs)          # dense head (N, L, D)
-            if route is None:                        # sampling / evaluation: the range sees every token
-                index, g, rope_s, v1_s = None, f, rope, v1
+            if drop_sparse_path:                     # path-drop guidance: the sparse path is not run
+                x = self.sprint(f, None)                               # (N, L, D)
             else:
-                # The tokens this step routes: the class token (always) and the kept image tokens.
-                index = route.keep.to(x.device, non_blocking=True) + (1 if self.cls_token_dim else 0)
-                if self.cls_token_dim:
-                    index = torch.cat([index.new_zeros(N, 1), index], dim=1)   # (N, K')
-                g = _gather_tokens(f, index)                           # (N, K', D)
-                rope_s = self.rope_tables(index) if rope is not None else None
-                v1_s = None if v1 is None else v1.gather(
-                    2, index[:, None, :, None].expand(-1, v1.shape[1], -1, v1.shape[-1]))
-            g, _ = self._run(start, end, g, c, rope_s, v1_s, None)     # routed blocks (N, K', D)
-            if self.routing == "tread":
-                # Routed tokens go back in place; the others skipped the range unchanged.
-                x = g if index is None else _scatter_tokens(f, index, g)
-            else:
-                # SPRINT: pad the sparse output with the mask token, fuse it with the dense head.
-                x = self.sprint(f, g, index, route is not None and route.drop_path)   # (N, L, D)
+                if route is None:                    # sampling / evaluation: the range sees every token
+                    index, g, rope_s, v1_s = None, f, rope, v1
+                else:
+                    # The tokens this step routes: the class token (always) and the kept image tokens.
+                    index = route.keep.to(x.device, non_blocking=True) + (1 if self.cls_token_dim else 0)
+                    if self.cls_token_dim:
+                        index = torch.cat([index.new_zeros(N, 1), index], dim=1)   # (N, K')
+                    g = _gather_tokens(f, index)                       # (N, K', D)
+                    rope_s = self.rope_tables(index) if rope is not None else None
+                    v1_s = None if v1 is None else v1.gather(
+                        2, index[:, None, :, None].expand(-1, v1.shape[1], -1, v1.shape[-1]))
+                g, _ = self._run(start, end, g, c, rope_s, v1_s, None) # routed blocks (N, K', D)
+                if self.routing == "tread":
+                    # Routed tokens go back in place; the others skipped the range unchanged.
+                    x = g if index is None else _scatter_tokens(f, index, g)
+                else:
+                    # SPRINT: pad the sparse output with the mask token, fuse it with the dense head.
+                    x = self.sprint(f, g, index, route is not None and route.drop_path)   # (N, L, D)
             x, _ = self._run(end, depth, x, c, rope, v1, zs)          # dense tail
         x, cls_out = self.final_layer(x, c)                            # (N, T, p*p*C), (N, Z) | None
         return self.unpatchify(x), (zs if return_zs else []), cls_out

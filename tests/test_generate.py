@@ -170,7 +170,8 @@ def to_uint8(x):
     return np.clip(255.0 * (x.double().numpy() + 1) / 2, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def expected_per_image(model, index, seed=0, steps=4, cfg=2.0, cls_cfg=1.5, gh=0.7, balanced=False, shift=1.0):
+def expected_per_image(model, index, seed=0, steps=4, cfg=2.0, cls_cfg=1.5, gh=0.7, balanced=False, shift=1.0,
+                       pdg=False):
     """Image `index` by the documented per-image rule, alone in its batch (identity codec)."""
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
     c, s, k = model.config["in_channels"], model.config["input_size"], model.num_classes
@@ -181,7 +182,8 @@ def expected_per_image(model, index, seed=0, steps=4, cfg=2.0, cls_cfg=1.5, gh=0
         y = torch.tensor([index % k])
     noise = lambda like: torch.randn(like.shape[1:], generator=g, dtype=like.dtype)[None]  # noqa: E731
     x = euler_maruyama_sampler(model, z, y, num_steps=steps, cfg_scale=cfg, guidance_high=gh,
-                               cls_latents=cls, cls_cfg_scale=cls_cfg, noise_fn=noise, time_shift=shift)
+                               cls_latents=cls, cls_cfg_scale=cls_cfg, noise_fn=noise, time_shift=shift,
+                               path_drop_guidance=pdg)
     return to_uint8(x.float())[0], int(y)
 
 
@@ -856,3 +858,28 @@ def test_existing_sidecars_still_resume(ckpts, tmp_path, capsys, monkeypatch):
     stored["key"]["model_config"]["num_classes"] = 7           # not a default: a different model
     config.write_text(json.dumps(stored))
     assert "num_classes" in fails(capsys, "--sample-dir", tmp_path, "--name", "run", *argv)
+
+
+def test_speedrundit_checkpoint_samples_with_path_drop_guidance(ckpts, tmp_path, capsys):
+    """A checkpoint in SpeedrunDiT's layout (its key names, RoPE tables, Namespace args with
+    time_shifting) samples as the model it came from, with and without path-drop guidance."""
+    from models.speedrundit import to_speedrundit_state_dict
+    model = randomize_weights_(build_sit(7, **{**TINY, "depth": 6, "encoder_depth": 2, "in_channels": 3,
+                                               "qk_norm": True, "norm": "rmsnorm", "rope": True,
+                                               "value_residual": True, "routing": "sprint"}), 107).eval()
+    sd = to_speedrundit_state_dict(model)
+    path = tmp_path / "0400000.pt"
+    torch.save(dict(model=sd, ema=sd, opt={}, steps=4, autoencoder="identity",    # decoder: the test's identity
+                    args=argparse.Namespace(num_classes=5, time_shifting=True, shift_base=48, path_type="linear")),
+               str(path))
+    argv = ["--ckpt", path, "--num-fid-samples", 3, "--per-proc-batch-size", 3, *SDE]
+    pdg, _, meta = run(tmp_path, *argv, "--path-drop-guidance", name="pdg")
+    dense, _, meta_dense = run(tmp_path, *argv, name="dense")
+    assert meta["key"]["path_drop_guidance"] is True and "path_drop_guidance" not in meta_dense["key"]
+    assert meta["key"]["time_shift"] == 2.0                           # from SpeedrunDiT's args
+    for i in range(3):
+        np.testing.assert_array_equal(pdg[i], expected_per_image(model, i, shift=2.0, pdg=True)[0])
+        np.testing.assert_array_equal(dense[i], expected_per_image(model, i, shift=2.0)[0])
+    assert not np.array_equal(pdg, dense)
+    err = fails(capsys, "--ckpt", ckpts["reg"], "--sample-dir", tmp_path, "--path-drop-guidance", *SDE)
+    assert "--path-drop-guidance needs a checkpoint trained with --routing sprint" in err

@@ -424,6 +424,24 @@ def test_contrastive_flow_matching_term_on_hand_computed_tensors():
                                              cls_token=cls)
 
 
+def test_contrastive_flow_matching_linear_weighting():
+    """SpeedrunDiT's --cfm-weighting linear: each sample's squared distances times its time t."""
+    from loss import REGObjective, contrastive_flow_matching
+    out = torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, -1.0]])
+    target = torch.tensor([[0.0, 1.0], [2.0, 2.0], [1.0, 1.0]])
+    t = torch.tensor([0.5, 0.25, 1.0]).reshape(3, 1, 1, 1)
+    want = -(0.5 * (0 ** 2 + 1 ** 2) + 0.25 * (3 ** 2 + 4 ** 2) + 1.0 * (2 ** 2 + 3 ** 2)) / 6
+    assert contrastive_flow_matching(out, target, "linear", t).item() == pytest.approx(want)
+    assert contrastive_flow_matching(out, target, "uniform", t).item() != pytest.approx(want)
+    with pytest.raises(ValueError, match="cfm_weighting must be one of"):
+        REGObjective(cfm_coeff=0.05, cfm_weighting="cosine")
+    x, y, zs, cls = _inputs()
+    torch.manual_seed(3)
+    terms = REGObjective(cfm_coeff=0.05, cfm_weighting="linear")(
+        StubModel([torch.randn(4, 4, 6, dtype=torch.float64)]), x, y, zs=zs, cls_token=cls)
+    assert torch.isfinite(terms["cfm_loss"]) and terms["cfm_loss"] < 0
+
+
 def test_time_shift_closed_form_and_no_shift_for_sd_vae_latents_at_256px():
     from loss import resolution_shift, time_shift
     assert resolution_shift((4, 32, 32)) == 1.0                                  # SD-VAE, 256 px: exactly none
