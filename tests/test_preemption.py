@@ -115,6 +115,16 @@ def test_progress_in_a_batch_log_is_a_line_every_interval_not_a_redrawn_bar(capl
     assert lines == [lines[0]] and "step 4/100 (4.0%): loss 0.2500, 10.0 img/s" in lines[0]
 
 
+def test_an_accelerate_dynamo_setting_does_not_compile_the_model(digits_data, tmp_path, monkeypatch, fresh_accelerate):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")        # as `accelerate config` would leave it
+
+    def no_compile(*a, **k):
+        raise AssertionError("the whole model was compiled behind the user's back")
+    monkeypatch.setattr(torch, "compile", no_compile)
+    train.main(train_args(digits_data, tmp_path, "run", 1))
+    assert (tmp_path / "run" / "checkpoints" / "0000001.pt").exists()
+
+
 #################################################################################
 #                Real signals to real runs, then the rerun (slow)               #
 #################################################################################
