@@ -388,23 +388,25 @@ class CheckpointError(RuntimeError):
 # process restores model, EMA, optimizer, grad scaler, step, its RNG states and the data position,
 # and confirms it holds that step. N steps in one go equal N/2 + resume + N/2, bitwise on the CPU.
 
-def save_run(run) -> None:
+def save_run(run) -> str | None:
     """Checkpoint the run: the replicas are compared first (cheaply), RNG states gathered from
-    every process, then rank 0 writes in the background while training goes on."""
+    every process, then rank 0 writes in the background while training goes on. Returns the
+    checkpoint's path on rank 0 (None elsewhere)."""
     acc, state, args = run.accelerator, run.state, run.args
     rng = run.rng.state_dict()                                                  # collective
     sums = run.procs.gather(float(sum(p.detach().double().sum() for p in state.model.parameters())))
     if len(set(sums)) != 1:
         raise RuntimeError(f"model replicas diverged across processes at step {state.step}: checksums {sums}")
     if not acc.is_main_process:
-        return
-    run.checkpointer.save(state.step, dict(
+        return None
+    path = run.checkpointer.save(state.step, dict(
         model=state.model, ema=state.ema, opt=state.optimizer, steps=state.step, args=vars(args),
         model_name=run.model_name, model_config=state.model.config, autoencoder=run.dataset.autoencoder_spec,
         codec=run.dataset.codec_identity,
         enc_types=run.enc_types, scaler=state.scaler if state.scaler.is_enabled() else None,
         rng=rng, data=run.data_position))
     logger.info(f"step {state.step}: writing a checkpoint" + (f" ({run.world} replicas in sync)" if run.world > 1 else ""))
+    return path
 
 
 WEIGHT_FREE_CONFIG = ("fused_attn",)  # model settings that change no weight: free to toggle on resume

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from dataset import DATA_ERRORS
+from preemption import ignore_signals_in_worker
 from runtime import last_line
 
 logger = logging.getLogger("train")
@@ -87,6 +88,7 @@ def make_loader(dataset, local_batch: int, rank: int, world: int, seed: int, sta
         sampler=ResumableSampler(len(dataset), local_batch, rank, world, seed, start_microbatch=start_microbatch),
         num_workers=num_workers, pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps iter() off the global RNG (exact resume)
+        worker_init_fn=ignore_signals_in_worker,       # a SLURM signal stops the run, not its workers
     )
 
 

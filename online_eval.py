@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import logging
 import math
 import os
@@ -91,7 +92,8 @@ class OnlineEvaluation:
             mode=args.fid_mode, num_steps=args.fid_num_steps, cfg_scale=args.fid_cfg_scale,
             cls_cfg_scale=args.fid_cls_cfg_scale if model.cls_token_dim else 0.0,
             guidance_low=args.fid_guidance_low, guidance_high=args.fid_guidance_high, path_type=args.path_type,
-            time_shift=run.objective.loss.time_shift, class_balanced=args.fid_class_balanced, seed=args.fid_seed)
+            time_shift=run.objective.loss.time_shift, class_balanced=args.fid_class_balanced, seed=args.fid_seed,
+            precision=args.precision)    # the run's precision (the online number only; generate.py: --precision)
         devices = [run.device] if run.device.type == "cuda" else []
         # building networks draws random initial weights: keep that off the training's RNG streams
         with run.accelerator.local_main_process_first(), torch.random.fork_rng(devices=devices):
@@ -130,7 +132,10 @@ class OnlineEvaluation:
                 acts = self.metric.activations(images)
             if model is not run.state.ema:
                 del model
-        gathered = run.procs.gather(acts)
+            del images, labels
+        gathered = run.procs.gather_to_main(acts)              # the metric is computed on rank 0 only
+        del acts
+        free_memory(run.device)                                # training gets its memory back
         if not run.accelerator.is_main_process:
             return {}
         values = self.metric.metrics_from_activations(gathered)
@@ -138,6 +143,13 @@ class OnlineEvaluation:
         logs = {f"{name}_{k}": float(v) for name, v in values.items()}
         logs["eval_seconds"] = time.time() - t0
         return logs
+
+
+def free_memory(device) -> None:
+    """Give the evaluation's sampling buffers back (the caching allocator keeps them otherwise)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def build_metric(args, device):

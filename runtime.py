@@ -17,10 +17,12 @@ import os
 import torch
 import torch.distributed as dist
 
-# How long ranks wait for each other at a collective before the job is aborted. Generous on
-# purpose: a rank may wait for the slowest one's last batch, or for rank 0 writing a checkpoint
-# of several GB to slow storage (PyTorch's default is 10 minutes).
-DEFAULT_TIMEOUT_MIN = 120
+# How long ranks wait for each other at a collective before the job is aborted. Checkpoints are
+# written on a background thread (checkpoint.Checkpointer) and no collective waits for the
+# write, so what remains is a rank waiting for the slowest one's batch, a first compile, or an
+# evaluation's uneven share: minutes, not hours. 30 minutes covers those with room to spare and
+# keeps a hung rank from idling every GPU of the job for two hours (PyTorch's default is 10).
+DEFAULT_TIMEOUT_MIN = 30
 
 
 def one_line(e: BaseException) -> str:
@@ -40,6 +42,20 @@ def launcher_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) when alone."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def check_launcher() -> None:
+    """Refuse N processes that no launcher tied together: ``srun`` with several tasks starts N
+    copies of the script and sets SLURM_PROCID / SLURM_STEP_NUM_TASKS but not RANK / WORLD_SIZE,
+    so each copy would be a separate one-process run writing the same folder. Raises ValueError
+    with one line saying what to run instead."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if tasks > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        raise ValueError(
+            f"srun started {tasks} tasks but no launcher set RANK / WORLD_SIZE: they would be {tasks} separate runs "
+            "writing one folder; run one task per node that starts the launcher (srun --ntasks-per-node=1 bash "
+            "train.sh ..., or srun --ntasks-per-node=1 torchrun --nnodes $SLURM_NNODES --nproc_per_node 8 ...), "
+            "or export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID MASTER_ADDR MASTER_PORT")
 
 
 def resolve_device(flag: str | None, local_rank: int, world_size: int) -> torch.device:
@@ -89,6 +105,7 @@ class Procs:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.distributed = self.world_size > 1
+        self._host_group = None
         # A caller that already set up torch.distributed (tests calling main() twice) keeps it.
         self.owns_group = self.distributed and not dist.is_initialized()
         if self.owns_group:
@@ -104,6 +121,7 @@ class Procs:
         self = cls.__new__(cls)
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device, self.distributed, self.owns_group = torch.device(device), world_size > 1, False
+        self._host_group = None
         return self
 
     @property
@@ -133,6 +151,28 @@ class Procs:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def gather_to_main(self, obj) -> list | None:
+        """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (nothing is copied to
+        the ranks that would only throw it away)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank: one all-reduce (max) of one
+        integer on the host, over a gloo group (created at the first call, which every rank
+        makes at the same point), so a NCCL job does not wait for its GPU stream."""
+        if not self.distributed:
+            return bool(flag)
+        if self._host_group is None:
+            self._host_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                                else dist.new_group(backend="gloo"))
+        t = torch.tensor([int(bool(flag))], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group)
+        return bool(t.item())
 
     @contextlib.contextmanager
     def main_first(self):

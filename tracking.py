@@ -171,3 +171,43 @@ def start_logging(run) -> None:
     acc.init_trackers("REG", config=config, init_kwargs=tracker_resume(run))
     with atomic_open(os.path.join(run.exp_dir, "args.json")) as f:
         f.write(json.dumps(vars(args), indent=2).encode())
+
+
+class Progress:
+    """The run's progress on the main process. At a terminal: a tqdm bar (loss and images/s shown
+    at log steps). In a batch job's log (stderr not a terminal) a redrawn bar is noise: one log line
+    at a log step every ``every_s`` seconds instead (step, loss, images/s, time left)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every_s: float = 60.0, stream=None):
+        import sys
+        from tqdm.auto import tqdm
+
+        stream = stream or sys.stderr
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=stream) if self.tty else None
+        self.start_step, self.t0, self.last_line = initial, time.time(), time.time()
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, step: int, logs: dict) -> None:
+        loss = f"{logs['loss_final']:.4f}" if logs.get("loss_final") is not None else "nan"
+        img_s = logs.get("images_per_sec") or 0.0
+        if self.bar is not None:
+            self.bar.set_postfix(loss=loss, img_s=f"{img_s:.1f}")
+            return
+        now = time.time()
+        if not self.enabled or now - self.last_line < self.every_s:
+            return
+        self.last_line = now
+        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else float("inf")
+        eta = f"{left / 3600:.1f} h" if math.isfinite(left) else "?"
+        logger.info(f"step {step}/{self.total} ({100 * step / self.total:.1f}%): loss {loss}, {img_s:.1f} img/s, "
+                    f"{eta} left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -24,14 +24,18 @@ import torch
 
 import cli
 import online_eval
+import preemption
 from checkpoint import CheckpointError, checkpoint_paths, log_disk_plan, resume, save_run
 from data_order import make_loader, next_batches
 from dataset import DATA_ERRORS
 from loss import PATH_TYPES, PREDICTIONS, SHIFT_BASE, WEIGHTINGS
 from models.sit import SIT_CONFIGS, SiT_models
 from optim import ADAM_IMPLS, GuardedAdamW
-from runtime import DEFAULT_TIMEOUT_MIN, forget_process_state, last_line, launcher_env, resolve_device
-from tracking import MetricsLog, logger, start_logging, tracker_problem
+from preemption import Preempted, StopRequest
+from run_lock import release_held
+from runtime import (DEFAULT_TIMEOUT_MIN, check_launcher, forget_process_state, last_line, launcher_env,
+                     resolve_device)
+from tracking import MetricsLog, Progress, logger, start_logging, tracker_problem
 from train_step import train_step
 from training_run import build, label_dropout, release_flag_warnings
 
@@ -76,7 +80,8 @@ def _logging_args(p) -> None:
                         "layers the checkpoint lacks (e.g. REG's class-token layers after REPA) start fresh")
     g.add_argument("--log-every", type=int, default=100, help="log (and sync with the host) every N steps")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MIN,
-                   help="minutes ranks wait for each other at a collective before the job aborts")
+                   help="minutes ranks wait for each other at a collective before the job aborts (checkpoints "
+                        "are written in the background, so no collective waits for a save)")
 
 
 def _model_args(p) -> None:
@@ -252,6 +257,7 @@ def check_args(args, parser):
         parser.error(f"--data-dir {args.data_dir} does not exist; prepare it with preprocessing/dataset_tools.py (see README)")
     _, world, local_rank = launcher_env()
     try:
+        check_launcher()
         resolve_device(args.device, local_rank, world)
     except ValueError as e:
         parser.error(str(e))
@@ -274,12 +280,11 @@ def main(argv=None):
     try:
         train(args, parser)
     finally:
+        release_held()           # the run folder's lock (run_lock), also when the build failed
         forget_process_state()   # a later run in this process (the demos, tests) builds its own
 
 
 def train(args, parser) -> None:
-    from tqdm.auto import tqdm
-
     run = build(args, parser)
     resume(run, parser)
     log_disk_plan(run)
@@ -292,11 +297,11 @@ def train(args, parser) -> None:
     evaluate = online_eval.build(run, parser)
     data = iter(make_loader(run.dataset, run.local_batch, run.rank, run.world, args.seed,
                             run.data_position.microbatch, args.num_workers, run.device.type == "cuda"))
-    progress = tqdm(total=run.stop_step, initial=state.step, desc="train", dynamic_ncols=True,
-                    disable=not acc.is_main_process)
+    progress = Progress(run.stop_step, state.step, acc.is_main_process)
     if state.step >= run.stop_step and acc.is_main_process:
         logger.info(f"already at step {state.step} >= {run.stop_reason}; nothing to do")
     state.forward.train()
+    stop = StopRequest(run.procs)              # SIGTERM / SIGUSR1 / SIGINT: finish the step, save, exit 3
     try:
         while state.step < run.stop_step:
             batches = next_batches(data, args.gradient_accumulation_steps, state.step)
@@ -306,13 +311,16 @@ def train(args, parser) -> None:
             progress.update(1)
             check_nonfinite(run)
             step, last = state.step, state.step == run.stop_step
+            if not last and stop.requested():  # every rank, every step (one tiny all-reduce): they stop together
+                stop_here(run, log, stop)
             scores = evaluate() if evaluate and step % args.fid_every == 0 else None
             if scores is not None:
                 log.exclude(scores.get("eval_seconds", 0.0))
+                if not last and stop.requested():          # a signal during a long evaluation
+                    stop_here(run, log, stop, scores)
             if step % args.log_every == 0 or step % args.checkpointing_steps == 0 or last or scores is not None:
                 logs = log.flush(step, scores)
-                progress.set_postfix(loss=f"{logs['loss_final']:.4f}" if logs["loss_final"] is not None else "nan",
-                                     img_s=f"{logs['images_per_sec']:.1f}")
+                progress.show(step, logs)
                 check_nonfinite(run, logs)
                 if acc.is_main_process:
                     run.checkpointer.raise_if_failed()       # a background save that failed stops the run now
@@ -321,12 +329,24 @@ def train(args, parser) -> None:
             if args.sampling_steps > 0 and (step % args.sampling_steps == 0 or last):
                 grids()
     finally:
+        stop.close()
         progress.close()
         if acc.is_main_process:
             run.checkpointer.wait()
     acc.end_training()
     if acc.is_main_process:
         logger.info(f"done: {state.step} steps; checkpoints in {run.ckpt_dir}")
+
+
+def stop_here(run, log, stop, scores=None) -> None:
+    """A signal reached some process: every process logs the step's window, writes this step's
+    checkpoint and raises Preempted (exit status 3); nothing poisoned is saved (--nonfinite stop)."""
+    check_nonfinite(run, log.flush(run.state.step, scores))
+    saved = save_run(run)
+    if run.accelerator.is_main_process:
+        run.checkpointer.wait()
+    run.accelerator.end_training()                          # trackers flushed and closed, as at the end
+    preemption.stop(run, stop.received or "a signal to another process", saved)
 
 
 def check_nonfinite(run, logs: dict | None = None) -> None:
@@ -348,6 +368,8 @@ def check_nonfinite(run, logs: dict | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
+    except Preempted as e:                 # the line is in the log already (rank 0)
+        sys.exit(e.exit_code)
     except (FloatingPointError, CheckpointError, *DATA_ERRORS) as e:   # one line, not a traceback
         print(f"error: {last_line(e)}", file=sys.stderr)
         sys.exit(1)

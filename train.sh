@@ -10,6 +10,11 @@
 # projectors stay, their loss weighted 0). With a preset, a recipe variable you set (MODEL ... MIXED_PRECISION)
 # wins over the preset's value, e.g. BATCH_SIZE=128 bash train.sh reg-b2-400k; EXTRA_ARGS="..." adds any
 # train.py flag (it wins too).
+# Preemption: on SIGTERM (a SLURM time limit or preemption), SIGUSR1 (sbatch --signal=USR1@180: three minutes'
+# warning to every process of the job) or Ctrl-C, train.py finishes its step, writes a checkpoint and stops;
+# this script then exits 3 and a rerun resumes. A job script that requeues itself (see README, Training):
+#   #SBATCH --signal=USR1@180 --requeue
+#   srun bash -c '... bash train.sh reg-xl2-4m'; [[ $? == 3 ]] && scontrol requeue "$SLURM_JOB_ID"
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -83,4 +88,15 @@ read -r -a extra <<< "$EXTRA_ARGS"
 args+=("${extra[@]}")
 
 echo "+ ${launch[*]} train.py ${args[*]}" >&2
-exec "${launch[@]}" train.py "${args[@]}"
+# SLURM signals every process of the job step: the launcher must outlive SIGUSR1 (ignored here and in it; the
+# training processes set their own handler) and this shell must outlive SIGTERM until the checkpoint is written
+# (a trap runs after the launcher ends; the launcher itself forwards SIGTERM and SIGINT to its workers).
+trap '' USR1
+trap ':' TERM INT
+status=0
+"${launch[@]}" train.py "${args[@]}" || status=$?
+if [[ $status != 0 && -f "$OUTPUT_DIR/$EXP_NAME/preempted.json" ]]; then
+    echo "train.sh: preempted (checkpoint written); rerun the same command to resume" >&2
+    exit 3
+fi
+exit $status

@@ -17,12 +17,14 @@ import shutil
 import torch
 
 import cli
+import run_lock
 from checkpoint import (Checkpointer, RNGStates, check_data_fits, checkpoint_config, init_weights_from,
                         read_checkpoint)
 from data_order import DataPosition, optimizer_steps_per_epoch
 from loss import REGObjective, resolution_shift
 from models.sit import SIT_CONFIGS
 from optim import GuardedAdamW, make_optimizer
+from preemption import clear_marker
 from runtime import Procs, launcher_env, one_line, raise_open_file_limit, resolve_device
 from tracking import logger, setup_logging
 from train_step import Prepare, TrainState
@@ -67,7 +69,7 @@ def load_data(run, parser) -> None:
 
 def start_processes(run, parser) -> None:
     """One data-parallel job on whatever device exists (gloo when there is no GPU), never independent
-    copies; a generous collective timeout, so a slow checkpoint write cannot abort it."""
+    copies; the run folder locked by rank 0 (run_lock) before anything is written there."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
@@ -82,10 +84,16 @@ def start_processes(run, parser) -> None:
         gradient_accumulation_steps=1, mixed_precision="no", cpu=device.type == "cpu",
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=run.exp_dir, logging_dir=os.path.join(run.exp_dir, args.logging_dir)),
+        # Never compile the whole DDP model behind the user's back (an Accelerate config or
+        # ACCELERATE_DYNAMO_BACKEND would): --compile compiles the SiT blocks, and nothing else.
+        dynamo_backend="no",
         # Every parameter gets a gradient at every step: no unused-parameter search, and a static
         # graph lets DDP reuse its bucket order (it does not support no_sync, i.e. accumulation).
+        # Gradients as views of DDP's buckets: one gradient-sized copy and allocation fewer, the
+        # same values (exact; the 2-process tests compare resumed and straight runs bit for bit).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
-                                                       static_graph=args.gradient_accumulation_steps == 1),
+                                                       static_graph=args.gradient_accumulation_steps == 1,
+                                                       gradient_as_bucket_view=True),
                          InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.dist_timeout))],
     )
     if pinned_device:
@@ -101,11 +109,23 @@ def start_processes(run, parser) -> None:
         parser.error(f"one micro-batch of all processes ({run.local_batch * run.world} samples) is larger than the "
                      f"dataset in {args.data_dir} ({len(run.dataset)} samples); lower --batch-size")
     run.ckpt_dir = os.path.join(run.exp_dir, "checkpoints")
+    problem, run.run_id, run.lock = None, run_lock.run_id(), None
     if acc.is_main_process:
-        problem = write_problem(run.ckpt_dir)
-        if problem:
-            parser.error(problem)
+        try:
+            run.lock = run_lock.hold(run.exp_dir, run.run_id)    # first, before anything in the folder is written or removed
+        except run_lock.FolderInUse as e:
+            problem = str(e)
+        except OSError as e:
+            problem = write_error(run.exp_dir, e)
+        problem = problem or write_problem(run.ckpt_dir)
+    problem, run.run_id = run.procs.broadcast((problem, run.run_id))   # every rank refuses, none waits
+    if problem:
+        parser.error(problem)
+    if acc.is_main_process:
         setup_logging(os.path.join(run.exp_dir, "log.txt"))
+        clear_marker(run.exp_dir)                     # a new segment: the last one's preemption is resolved
+        if run.lock.took_over:
+            logger.warning(f"took over the stale lock {run.lock.path}: {run.lock.took_over}")
     cli.set_tf32(args.tf32 and run.device.type == "cuda")
     run.checkpointer = Checkpointer(run.ckpt_dir, args.keep_last, log=logger.info, keep_every=args.keep_every)
 
@@ -176,9 +196,15 @@ def build_training(run, parser) -> None:
         model.compile_blocks()
         for enc in run.encoders:
             enc.compile()
+    forward = acc.prepare(model)
+    if isinstance(forward, torch.nn.parallel.DistributedDataParallel):
+        # SiT's only buffers are RoPE's fixed cos/sin tables, equal on every rank: no broadcast
+        # before each forward (exact). Set on the wrapper, as the constructor flag is deprecated
+        # from torch 2.13 (this attribute works on every version).
+        forward.broadcast_buffers = False
     run.state = TrainState(model=model, optimizer=optimizer, ema=ema, precision=args.precision,
                            scaler=torch.amp.GradScaler(run.device.type, enabled=args.precision == "fp16"),
-                           forward=acc.prepare(model), ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
+                           forward=forward, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm,
                            seed=args.seed, rank=run.rank, world=run.world)
     shift = resolution_shift(run.latent_shape, args.shift_base) if args.time_shift else 1.0
     run.objective = REGObjective(proj_coeff=args.proj_coeff if args.projectors else 0.0,
@@ -207,15 +233,18 @@ def write_problem(folder: str) -> str | None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0.0
-            return (f"the disk of {folder} is full ({e.strerror}; {free:.1f} MiB free); free space or choose "
-                    "another --output-dir")
-        return f"cannot write to {folder} ({one_line(e)}); choose a writable --output-dir"
+        return write_error(folder, e)
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
     return None
+
+
+def write_error(folder: str, e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0.0
+        return f"the disk of {folder} is full ({e.strerror}; {free:.1f} MiB free); free space or choose another --output-dir"
+    return f"cannot write to {folder} ({one_line(e)}); choose a writable --output-dir"
 
 
 #################################################################################
