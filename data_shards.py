@@ -285,14 +285,23 @@ class ShardFiles:
             self._handles.popitem()[1].close()
 
 
+def open_dataset(data_dir, **kwargs) -> REGDataset:
+    """The training data in ``data_dir``, whichever layout: a ShardedDataset for sharded steps (a
+    local path or a URL), else a REGDataset (our per-file layout and the releases')."""
+    return (ShardedDataset if is_sharded(str(data_dir)) else REGDataset)(str(data_dir), **kwargs)
+
+
 class ShardedDataset(REGDataset):
     """REGDataset over a sharded data dir (a local path or a URL): the same items, attributes and
-    errors, the same sample i as the per-file layout it was packed from. REGDataset(data_dir, ...)
-    returns one of these when data_dir holds sharded steps."""
+    errors, the same sample i as the per-file layout it was packed from (``open_dataset`` picks it
+    when data_dir holds sharded steps)."""
 
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
                  load_images: bool | None = None, images_dir: str | None = None,
-                 latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False):
+                 latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False,
+                 allow_partial: bool = False):
+        # allow_partial: the index and the shards are written from one list, so their counts agree by
+        # construction (a shard cut short is damage, named when read)
         data_dir = str(data_dir)
         steps = sharded_steps(data_dir)
         if steps is None:

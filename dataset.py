@@ -220,14 +220,6 @@ class REGDataset(Dataset):
     fix) or ResourceLimitError (open files, memory: never replaced by skip_bad).
     """
 
-    def __new__(cls, data_dir=None, *args, **kwargs):
-        # A sharded data dir (local path or URL) is read by data_shards.ShardedDataset, same API.
-        if cls is REGDataset and data_dir is not None:
-            from data_shards import ShardedDataset, is_sharded
-            if is_sharded(str(data_dir)):
-                cls = ShardedDataset
-        return super().__new__(cls)
-
     def __init__(self, data_dir: str, use_features: bool | str = "auto", enc_types: list[str] | None = None,
                  load_images: bool | None = None, images_dir: str | None = None,
                  latents_dir: str | None = None, encoder_weights: dict | None = None, skip_bad: bool = False,

@@ -43,7 +43,7 @@ def build(args, parser):
 def load_data(run, parser) -> None:
     """The dataset, and which encoder outputs come from its feature cache: all (a full cache), the
     class token only (a cls cache; the encoders still run for the patch tokens when aligning), or none."""
-    from dataset import REGDataset
+    from data_shards import open_dataset
     from models.encoders import parse_enc_types, weights_record
 
     args = run.args
@@ -55,7 +55,7 @@ def load_data(run, parser) -> None:
         for name in run.enc_types:       # a cache made with other weights than this run's is refused
             with contextlib.suppress(OSError, ValueError):
                 weights[name] = weights_record(name)
-        run.dataset = REGDataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
+        run.dataset = open_dataset(args.data_dir, enc_types=run.enc_types, encoder_weights=weights,
                                  skip_bad=args.skip_bad_samples, allow_partial=args.allow_partial_data,
                                  use_features={"auto": "auto", "yes": True, "no": False}[args.cached_features])
     except (ValueError, FileNotFoundError) as e:

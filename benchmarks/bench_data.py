@@ -130,8 +130,8 @@ def write_sparse_shards(root: str, n: int, r: int, shard: int, needed, blob: byt
 
 def loader(data_dir: str, batch: int, workers: int, world: int = 1):
     from data_order import ResumableSampler
-    from dataset import REGDataset
-    ds = REGDataset(data_dir, use_features=False, load_images=True)   # the online-encoder case
+    from data_shards import open_dataset
+    ds = open_dataset(data_dir, use_features=False, load_images=True)   # the online-encoder case
     return ds, torch.utils.data.DataLoader(ds, batch_size=batch, drop_last=True, num_workers=workers,
                                            sampler=ResumableSampler(len(ds), batch, 0, world, seed=0),
                                            persistent_workers=False, generator=torch.Generator().manual_seed(0))

@@ -17,10 +17,8 @@ next to the reference batch as `<ref stem>.fd_dinov2.npz`). See evaluations/READ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from evaluations import fd_dinov2, inception, metrics  # noqa: E402
+from evaluations.image_batches import NpzArray, npz_keys, source_images  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from fileio import atomic_save_npz, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
 
@@ -50,74 +49,8 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Streaming reads of one array inside an .npz (50K 256px images are ~10 GB; never load them whole)
+# Image batches (read in row batches by evaluations/image_batches.py: never whole)
 # ----------------------------------------------------------------------------------------------------
-
-
-class NpzArray:
-    """One array of an .npz archive, read lazily in row batches.
-
-    Use as a context manager: `with NpzArray(path, "arr_0") as a: a.shape, a.dtype, a.batches(64)`.
-    Only the .npy header is parsed on entry, so shape/dtype checks are cheap.
-    """
-
-    def __init__(self, path: str | os.PathLike, key: str):
-        self.path = Path(path)
-        self.key = key
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> "NpzArray":
-        try:
-            zf = self._stack.enter_context(zipfile.ZipFile(self.path))
-        except zipfile.BadZipFile:
-            raise ValueError(f"{str(self.path)!r} is not an .npz archive (np.savez output)") from None
-        member = f"{self.key}.npy"
-        if member not in zf.namelist():
-            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-            self._stack.close()
-            raise ValueError(f"{str(self.path)!r} has no array {self.key!r} (found {keys})")
-        self._file = self._stack.enter_context(zf.open(member))
-        version = np.lib.format.read_magic(self._file)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(self._file)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(self._file)
-        else:
-            shape, fortran, dtype = None, True, None  # unusual header: fall back to a full load
-        self._whole = None
-        if fortran or dtype is None or dtype.hasobject:
-            with np.load(self.path, allow_pickle=False) as z:
-                self._whole = np.ascontiguousarray(z[self.key])
-            shape, dtype = self._whole.shape, self._whole.dtype
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def batches(self, batch_size: int):
-        """Yield consecutive (<= batch_size, *shape[1:]) arrays covering all rows once."""
-        n = self.shape[0]
-        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            if self._whole is not None:
-                yield self._whole[start : start + count]
-                continue
-            want = count * row_bytes
-            data = self._file.read(want)
-            if len(data) != want:
-                raise ValueError(f"{str(self.path)!r}: {self.key} ends early (truncated file?)")
-            yield np.frombuffer(data, dtype=self.dtype).reshape((count, *self.shape[1:]))
-
-
-def npz_keys(path: str | os.PathLike) -> list[str]:
-    """Names of the arrays stored in an .npz archive."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-    except zipfile.BadZipFile:
-        raise ValueError(f"{str(path)!r} is not an .npz archive (np.savez output)") from None
 
 
 def check_image_batch(path: str | os.PathLike, role: str, min_images: int = PR_NEIGHBOURS + 1) -> tuple:
@@ -423,7 +356,7 @@ class Evaluator:
         if self.fdd is not None:
             self.fdd.reference()
             acts["dinov2"] = np.concatenate([self.fdd.activations(batch)["dinov2"]
-                                             for batch in fd_dinov2.source_images(sample_npz_path, self.batch_size)])
+                                             for batch in source_images(sample_npz_path, self.batch_size)])
         if sample_stats is not None:
             _log(f"using mu/sigma/mu_s/sigma_s stored in {sample_npz_path}")
         return self.metrics_from_activations(acts, sample_stats)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluations import metrics
+from evaluations.image_batches import list_images, source_images
 from fileio import atomic_save_npz, file_sha256
 
 WEIGHTS_ENV = "REG_FD_DINOV2_WEIGHTS"
@@ -179,8 +180,6 @@ def cache_path(source) -> Path:
 
 def source_fingerprint(source, weights_sha256: str) -> str:
     """What the cached statistics depend on: the weights and the source's files (names, sizes, mtimes)."""
-    from evaluations.reference import list_images
-
     source = Path(source)
     files = [source] if source.is_file() else list_images(source)
     digest = hashlib.sha256(weights_sha256.encode())
@@ -188,28 +187,6 @@ def source_fingerprint(source, weights_sha256: str) -> str:
         st = path.stat()
         digest.update(f"{path.relative_to(source) if path != source else path.name}|{st.st_size}|{st.st_mtime_ns}\0".encode())
     return digest.hexdigest()
-
-
-def source_images(source, batch_size: int = 64):
-    """uint8 (B, H, W, 3) batches of a reference batch (.npz arr_0) or an image folder (every image)."""
-    from evaluations.evaluator import NpzArray
-    from evaluations.reference import list_images, load_image
-
-    source = Path(source)
-    if source.is_file():
-        with NpzArray(source, "arr_0") as arr:
-            yield from arr.batches(batch_size)
-        return
-    files = list_images(source)
-    shape = None
-    for i in range(0, len(files), batch_size):
-        batch = [load_image(p, None) for p in files[i:i + batch_size]]
-        shape = shape or batch[0].shape
-        odd = next((p for p, img in zip(files[i:], batch) if img.shape != shape), None)
-        if odd is not None:
-            raise ValueError(f"FD-DINOv2 reference folder {str(source)!r}: {odd.name} is not {shape[1]}x{shape[0]} like "
-                             "the others; use images of one size (as EDM2's dataset_tool writes them)")
-        yield np.stack(batch)
 
 
 def reference_statistics(detector: DINOv2Features, source, weights_sha256: str, batch_size: int = 64,

@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 
 if __package__ in (None, ""):  # run as a script: import from the repository root, not from evaluations/
     _HERE = Path(__file__).resolve().parent
@@ -41,38 +39,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from evaluations import evaluator, inception, metrics  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from fileio import atomic_open, atomic_save_npz, file_sha256  # noqa: E402
-from preprocessing.transforms import center_crop_dhariwal  # noqa: E402
+from evaluations.image_batches import list_images, load_image  # noqa: E402
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------
-
-
-def list_images(source: str | os.PathLike) -> list[Path]:
-    """All image files under `source`, sorted by their path relative to it."""
-    source = Path(source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"image folder {str(source)!r} does not exist or is not a folder")
-    files = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    files.sort(key=lambda p: p.relative_to(source).as_posix())
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(source)!r}")
-    return files
-
-
-def load_image(path: Path, resolution: int | None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, ADM-cropped to resolution if given."""
-    try:
-        with PIL.Image.open(path) as img:
-            img = img.convert("RGB")
-    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
-    if resolution is not None:
-        return np.ascontiguousarray(center_crop_dhariwal(img, resolution))
-    return np.asarray(img)
 
 
 def select_images(files: list[Path], num_images: int | None, seed: int) -> list[Path]:

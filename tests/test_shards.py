@@ -12,7 +12,8 @@ import torch
 
 import data_shards
 from data_shards import ShardedDataset, ShardFiles
-from dataset import DataFileError, REGDataset
+from data_shards import open_dataset
+from dataset import DataFileError
 from preprocessing import dataset_tools
 
 from data_order import ResumableSampler
@@ -41,9 +42,9 @@ def assert_items_equal(a, b, where=""):
 
 @pytest.mark.parametrize("kw", [dict(), dict(use_features="cls", load_images=True), dict(use_features=False)])
 def test_every_item_equals_the_per_file_one(digits_data, packed, kw):
-    a = REGDataset(str(digits_data), enc_types=[ENC], **kw)
+    a = open_dataset(str(digits_data), enc_types=[ENC], **kw)
     for where in (str(packed), "file://" + str(packed)):
-        b = REGDataset(where, enc_types=[ENC], **kw)
+        b = open_dataset(where, enc_types=[ENC], **kw)
         assert type(b) is ShardedDataset and len(b) == len(a) == 100
         for attr in ("num_classes", "resolution", "moments_shape", "latent_channels", "autoencoder_spec",
                      "latent_scale", "latent_bias", "codec_identity", "feature_kind", "enc_types",
@@ -62,8 +63,8 @@ def test_a_non_local_fsspec_filesystem(digits_data, packed):
         for f in files:
             fs.pipe(f"/bucket/{os.path.relpath(os.path.join(root, f), packed)}", open(os.path.join(root, f), "rb").read())
     try:
-        b = REGDataset("memory:///bucket", enc_types=[ENC], use_features="cls", load_images=True)
-        a = REGDataset(str(digits_data), enc_types=[ENC], use_features="cls", load_images=True)
+        b = open_dataset("memory:///bucket", enc_types=[ENC], use_features="cls", load_images=True)
+        a = open_dataset(str(digits_data), enc_types=[ENC], use_features="cls", load_images=True)
         for i in (0, 17, 99):
             assert_items_equal(a[i], b[i], f"memory item {i}")
     finally:
@@ -75,7 +76,7 @@ def test_same_batches_in_the_same_order_and_after_a_mid_epoch_resume(digits_data
     """The training loader (ResumableSampler) on both layouts, every rank (one with 2 workers), from the
     start and from a mid-epoch micro-batch (what resume does)."""
     def batches(data_dir, rank, start, n):
-        ds = REGDataset(str(data_dir), enc_types=[ENC])
+        ds = open_dataset(str(data_dir), enc_types=[ENC])
         sampler = ResumableSampler(len(ds), 5, rank, world, seed=3, start_microbatch=start)
         loader = torch.utils.data.DataLoader(ds, batch_size=5, sampler=sampler, drop_last=True,
                                              num_workers=2 if (world, rank) == (2, 0) else 0,
@@ -136,9 +137,9 @@ def test_encode_and_cache_features_write_the_packed_shards(digits_data, packed, 
             assert (tmp_path / step / name).read_bytes() == (packed / step / name).read_bytes(), (step, name)
     assert (tmp_path / "latents/index-keys.npy").read_bytes() == (packed / "latents/index-keys.npy").read_bytes()
     # latents + a full cache: a run that needs no images
-    ds = REGDataset(str(tmp_path), enc_types=[ENC])
+    ds = open_dataset(str(tmp_path), enc_types=[ENC])
     assert ds.feature_kind == "full" and not ds.load_images
-    assert_items_equal(ds[37], REGDataset(str(digits_data), enc_types=[ENC], load_images=False)[37])
+    assert_items_equal(ds[37], open_dataset(str(digits_data), enc_types=[ENC], load_images=False)[37])
 
 
 def test_a_damaged_shard_is_named_with_the_sample_and_can_be_skipped(digits_data, packed, tmp_path):
@@ -146,11 +147,11 @@ def test_a_damaged_shard_is_named_with_the_sample_and_can_be_skipped(digits_data
     shutil.copytree(packed, bad)
     shard = bad / "latents/shard-000002.npy"                       # samples 32..47
     shard.write_bytes(shard.read_bytes()[:-100])                   # cut short: the last two samples
-    ds = REGDataset(str(bad), use_features=False, load_images=False)
+    ds = open_dataset(str(bad), use_features=False, load_images=False)
     with pytest.raises(DataFileError, match=r"shard-000002\.npy is damaged at sample 47 .*--skip-bad-samples"):
         ds[47]
-    skip = REGDataset(str(bad), use_features=False, load_images=False, skip_bad=True)
-    ref = REGDataset(str(digits_data), use_features=False, load_images=False)
+    skip = open_dataset(str(bad), use_features=False, load_images=False, skip_bad=True)
+    ref = open_dataset(str(digits_data), use_features=False, load_images=False)
     assert_items_equal(skip[47], ref[48])                          # the next readable sample, as per-file
     assert_items_equal(skip[46], ref[46])
     # a flipped byte in a PNG: decoding fails, named with its sample
@@ -159,7 +160,7 @@ def test_a_damaged_shard_is_named_with_the_sample_and_can_be_skipped(digits_data
     data[0:8] = b"\xff" * 8                                    # sample 0's PNG signature
     img.write_bytes(bytes(data))
     with pytest.raises(DataFileError, match=r"images/shard-000000\.bin is damaged at sample 0"):
-        REGDataset(str(bad), use_features=False)[0]
+        open_dataset(str(bad), use_features=False)[0]
     # verify-shards finds both by checksum; --delete + rerunning pack rewrites them
     with pytest.raises(SystemExit):
         dataset_tools.main(["verify-shards", "--data-dir", str(bad)])
@@ -185,7 +186,7 @@ def test_the_release_layout_packs_too(tmp_path):
         labels.append([f"00000/img-mean-std-{i:08d}.npy", i % 3])
     (root / "vae-sd/dataset.json").write_text(json.dumps({"labels": labels}))
     dataset_tools.pack(str(root), str(tmp_path / "shards"), shard_size=2)
-    a, b = REGDataset(str(root)), REGDataset(str(tmp_path / "shards"))
+    a, b = open_dataset(str(root)), open_dataset(str(tmp_path / "shards"))
     assert type(b) is ShardedDataset and b.latent_scale == a.latent_scale and b.resolution == a.resolution == 32
     for i in range(5):
         assert_items_equal(a[i], b[i], f"item {i}")
@@ -193,8 +194,8 @@ def test_the_release_layout_packs_too(tmp_path):
 
 def test_forked_workers_do_not_share_the_parents_handles(digits_data, packed):
     """The main process reads first (handles open), then forked workers read through file://."""
-    ds = REGDataset("file://" + str(packed), use_features=False, load_images=True)
-    ref = REGDataset(str(digits_data), use_features=False, load_images=True)
+    ds = open_dataset("file://" + str(packed), use_features=False, load_images=True)
+    ref = open_dataset(str(digits_data), use_features=False, load_images=True)
     ds[0], ds[50]
     order = [int(i) for i in np.random.default_rng(0).permutation(100)]
     loader = torch.utils.data.DataLoader(ds, batch_size=10, sampler=order, num_workers=2,
@@ -205,7 +206,7 @@ def test_forked_workers_do_not_share_the_parents_handles(digits_data, packed):
 
 
 def test_open_handles_stay_bounded(packed):
-    ds = REGDataset(str(packed), enc_types=[ENC], use_features="cls", load_images=True)
+    ds = open_dataset(str(packed), enc_types=[ENC], use_features="cls", load_images=True)
     ds._files = ShardFiles(max_open=2)
     fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     for i in np.random.default_rng(0).permutation(len(ds)):
@@ -221,7 +222,7 @@ def test_start_up_reads_the_index_not_a_listing(packed, monkeypatch):
     real = os.scandir
     monkeypatch.setattr(os, "scandir", lambda p=".": (listed.append(os.fspath(p)), real(p))[1])
     monkeypatch.setattr(os, "listdir", lambda p=".": pytest.fail(f"listed {p}"))
-    ds = REGDataset(str(packed), enc_types=[ENC])
+    ds = open_dataset(str(packed), enc_types=[ENC])
     assert len(ds) == 100 and set(listed) == {str(packed)}
 
 
@@ -232,7 +233,7 @@ def test_bad_sharded_input_is_one_clear_line(digits_data, packed, tmp_path):
     m["keys_sha1"] = "0" * 40
     (mixed / "images/manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="other samples or another shard size"):
-        REGDataset(str(mixed), use_features=False)
+        open_dataset(str(mixed), use_features=False)
     with pytest.raises(ValueError, match="already sharded"):
         dataset_tools.pack(str(packed), str(tmp_path / "again"))
 
