@@ -28,7 +28,7 @@ def test_an_encoder_family_trains_reg_and_repa_and_its_checkpoint_samples(name, 
     weights = write_published(name, _tiny(name, 32), str(tmp_path))
     monkeypatch.setenv(spec.family.env_var, weights)
     width = spec.width
-    for label, extra, cls_dim in (("reg", {}, width), ("repa", {"cls": 0}, 0)):
+    for label, extra, cls_dim in (("reg", {}, width), ("repa", {"no_class_token": None}, 0)):
         train.main(train_args(digits_data, tmp_path, label, 1, enc_type=name, cached_features="no",
                               checkpointing_steps=1, **extra))
         path = str(tmp_path / label / "checkpoints" / "0000001.pt")
