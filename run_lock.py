@@ -190,6 +190,9 @@ _HELD: list[RunLock] = []
 
 
 def hold(folder: str, run: str) -> RunLock:
+    for earlier in [h for h in _HELD if os.path.abspath(h.folder) == os.path.abspath(folder)]:
+        _HELD.remove(earlier)        # an earlier run in this process built here (training_run.build called
+        earlier.release()            # directly, without train.main's clean-up): runs in one process are sequential
     lock = RunLock(folder, run)
     lock.acquire()
     _HELD.append(lock)

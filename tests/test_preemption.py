@@ -106,9 +106,9 @@ def test_progress_in_a_batch_log_is_a_line_every_interval_not_a_redrawn_bar(capl
     progress = Progress(100, 0, enabled=True, every_s=0.2, stream=stream)
     for step in range(1, 4):
         progress.update()
-        progress.show(step, {"loss": 0.5, "images_per_sec": 10.0})
+        progress.show(step, {"loss_final": 0.5, "images_per_sec": 10.0})
     time.sleep(0.25)
-    progress.show(4, {"loss": 0.25, "images_per_sec": 10.0})
+    progress.show(4, {"loss_final": 0.25, "images_per_sec": 10.0})
     progress.close()
     assert stream.getvalue() == ""                           # no bar, no carriage returns
     lines = [r.message for r in caplog.records if r.message.startswith("step ")]
@@ -220,7 +220,7 @@ def test_train_sh_outlives_the_signals_and_exits_3_after_a_preemption(tmp_path):
     launcher.chmod(0o755)
     (tmp_path / "x").mkdir()
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUTPUT_DIR": str(tmp_path), "EXP_NAME": "x",
-           "NUM_GPUS": "1"}
+           "NUM_GPUS": "1", "DATA_DIR": str(tmp_path)}
     out = subprocess.run(["bash", os.path.join(ROOT, "train.sh")], capture_output=True, text=True,
                          env={**env, "PREEMPT": "1"}, timeout=60)
     assert out.returncode == EXIT_PREEMPTED and "preempted" in out.stderr.strip().splitlines()[-1]
