@@ -399,8 +399,9 @@ def write_table(result: dict, path: str) -> str:
                                               for m in methods) + " |")
     if result["ordering"]:
         n = len(seeds)
-        lines += ["", f"The paper's orderings (lower FD), in how many of the {n} seeds (each seed: its own encoder "
-                  "and training), and the FD gaps (mean ± sd over seeds; positive = the first method is worse):", "",
+        lines += ["", (f"The paper's orderings (lower FD), in how many of the {n} seeds (each seed: its own encoder "
+                       "and training), and the FD gaps (mean ± sd over seeds; positive = the first method is worse):"),
+                  "",
                   "| step | REG < REPA < SiT | REG < REPA | REPA < SiT | REG < SiT | REPA − REG | SiT − REPA | SiT − REG |",
                   "| ---: | :---: | :---: | :---: | :---: | ---: | ---: | ---: |"]
         for s in steps:

@@ -187,9 +187,9 @@ def test_each_seed_trains_its_own_encoder_and_its_runs_use_it(tmp_path):
     assert [s.name for s in stages][:5] == ["data", "encoder-s3", "encoder-s5", "features-s3", "features-s5"]
     assert len(set(info["weights"].values())) == 2
     for seed in (3, 5):
-        (script, argv), = by_name[f"encoder-s{seed}"].calls
+        (_, argv), = by_name[f"encoder-s{seed}"].calls
         assert argv[argv.index("--seed") + 1] == str(seed) and argv[argv.index("--out") + 1] == info["weights"][seed]
-        (script, argv), = by_name[f"features-s{seed}"].calls
+        (_, argv), = by_name[f"features-s{seed}"].calls
         assert argv[argv.index("--enc-weights") + 1] == info["weights"][seed]
         assert argv[argv.index("--dest") + 1].endswith(f"features-dinov2-vit-tiny-full-s{seed}")
         assert by_name[f"features-s{seed}"].deps == ("data", f"encoder-s{seed}")
