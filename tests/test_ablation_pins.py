@@ -58,12 +58,9 @@ def digest(tensors) -> str:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(single_thread):
     """As the ablation runs every stage (--threads 1): thread splits can change float reductions."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(saved)
 
 
 # ----------------------------------------------------------------------------------------------------
