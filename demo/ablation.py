@@ -1,27 +1,30 @@
 """The paper's central comparison at CPU scale: SiT vs REPA vs REG at equal steps, on the digits.
 
-    python demo/ablation.py [--out ablation_out] [--seeds 0,1] [--steps 400] [--jobs 2] ...
+    python demo/ablation.py [--out ablation_out] [--seeds 0,1,2] [--steps 400] [--jobs 2] ...
 
-(Measured on the shared 2-core machine: 28 minutes for the default 2 seeds at load average ~3; a
-third seed, ``--seeds 0,1,2`` afterwards, added 10 minutes at load ~1.5. README: "SiT vs REPA vs REG".)
+(Wall times measured on the shared 2-core machine: README, "SiT vs REPA vs REG".)
 
-1. a semantic encoder: ``dinov2-vit-tiny`` trained self-supervised on the digits (demo/train_encoder.py),
-   written in the official DINOv2 layout;
-2. the data, as the built-in run makes it (make_digits, convert, fit-pca, encode) and the encoder's
-   features cached by ``cache-features --enc-type dinov2-vit-tiny --enc-weights FILE`` (train.py
-   checks the cache against ``REG_DINOV2_WEIGHTS=FILE``, which this script sets for it);
+1. the data, as the built-in run makes it (make_digits, convert, fit-pca, encode);
+2. per seed s, a semantic encoder: ``dinov2-vit-tiny`` trained self-supervised on the digits with seed s
+   (demo/train_encoder.py --seed s), written in the official DINOv2 layout, and its features cached
+   by ``cache-features --enc-type dinov2-vit-tiny --enc-weights FILE_s --dest data/features-...-s{s}``
+   (train.py picks, among the caches, the one made with ``REG_DINOV2_WEIGHTS=FILE_s``, which this
+   script sets for seed s's runs). The encoder is part of the random draw: seed s = (encoder s,
+   training s), so the spread over seeds includes the encoder's variance;
 3. per seed, three train.py runs that differ only in the ablation flags -- SiT (``--no-class-token
    --no-projectors``), REPA (``--no-class-token``), REG (defaults) -- each scored during training
    (``--fid-every``, ``--fid-metric digits``: FD on a digit classifier's features and the digit
    accuracy, evaluations/digits.py) at the same steps on the same K per-image seeds;
 4. table.md / table.json (FD and accuracy at each evaluated step, per run, mean and spread over
-   seeds) and ablation.png (FD and accuracy against steps: one curve per method, seeds as thin lines).
+   seeds; in how many seeds each of the paper's orderings holds; each encoder's probe) and
+   ablation.png (FD and accuracy against steps: one curve per method, seeds as thin lines).
 
 Every stage runs the project's own CLI with the arguments printed; up to ``--jobs`` of them at once as
 separate processes, one thread each (on a shared 2-core machine, several threads per process are
 several times slower than one), or all in this process with ``--jobs 0`` (tests). Rerunning resumes:
 finished stages and runs are skipped, an interrupted training run resumes from its last checkpoint.
-The settings are fixed before the outcome is known; see the README's ablation section.
+Everything is seeded and one-threaded: a rerun on the same platform gives the same numbers bit for bit
+(tests/test_ablation_pins.py pins what they depend on). See the README's ablation section.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ METHODS = {                      # name -> the ablation flags (everything else i
     "REG": [],
 }
 ENCODER = "dinov2-vit-tiny"
+ORDERINGS = ("REG<REPA<SiT", "REG<REPA", "REPA<SiT", "REG<SiT")     # the paper's, counted per seed
 SCRIPTS = {"demo/make_digits.py": "demo.make_digits", "preprocessing/dataset_tools.py": "preprocessing.dataset_tools",
            "demo/train_encoder.py": "demo.train_encoder", "train.py": "train"}
 
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="SiT vs REPA vs REG at equal steps on the built-in digits.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="ablation_out", help="everything the experiment writes goes here")
-    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (each: three runs)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each: an encoder and three runs)")
     p.add_argument("--methods", default="SiT,REPA,REG", help="subset of SiT,REPA,REG")
     p.add_argument("--jobs", type=int, default=2, help="stages run at once as processes (0: all in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage")
@@ -113,19 +117,21 @@ def run_name(method: str, seed: int) -> str:
     return f"{method.lower()}-s{seed}"
 
 
+def encoder_name(seed: int) -> str:
+    return f"encoder-s{seed}"
+
+
 def plan(args) -> tuple[list[Stage], dict]:
+    """The stages: the data; per seed an encoder (trained with that seed) and its cached features
+    (``data/features-dinov2-vit-tiny-full-s{seed}``: train.py picks the cache whose weights are this
+    run's); per seed and method a training run. Encoder seed = training seed, so each seed is one draw
+    of (encoder, training) and the spread over seeds includes the encoder's variance."""
     out, res = args.out, args.resolution
     data, raw = os.path.join(out, "data"), os.path.join(out, "raw")
     images, latents, pca = os.path.join(data, "images"), os.path.join(data, "vae-latents"), os.path.join(data, "pca-f8c4.pt")
-    features = os.path.join(data, f"features-{ENCODER}-full")
-    weights = os.path.abspath(os.path.join(out, "encoder", "dinov2_vittiny14_digits.pth"))
     exps = os.path.join(out, "exps")
     tools = "preprocessing/dataset_tools.py"
     threads = str(args.threads)
-    encoder_argv = ["--out", weights, "--resolution", str(res), "--steps", str(args.encoder_steps),
-                    "--batch-size", str(args.encoder_batch_size), "--threads", threads]
-    if args.max_images:
-        encoder_argv += ["--max-images", str(args.max_images)]
     convert = ["convert", "--source", raw, "--dest", images, "--resolution", f"{res}x{res}", "--transform",
                "center-crop", "--workers", "0"]
     if args.max_images:
@@ -137,13 +143,24 @@ def plan(args) -> tuple[list[Stage], dict]:
                        (tools, ["encode", "--source", images, "--dest", latents, "--model-url", f"pca:{pca}",
                                 "--workers", "0"])],
               done=manifest_done(latents)),
-        Stage("encoder", [("demo/train_encoder.py", encoder_argv)], done=lambda: encoder_done(encoder_argv)),
-        Stage("features", [(tools, ["cache-features", "--source", images, "--enc-type", ENCODER, "--enc-weights",
-                                    weights, "--kind", "full", "--workers", "0"])],
-              deps=("data", "encoder"), done=manifest_done(features)),
     ]
+    seeds, weights = parse_list(args.seeds, int), {}
+    for seed in seeds:              # every encoder first: they need nothing, the SiT runs only the data
+        weights[seed] = os.path.abspath(os.path.join(out, "encoder", f"dinov2_vittiny14_digits-s{seed}.pth"))
+        encoder_argv = ["--out", weights[seed], "--resolution", str(res), "--steps", str(args.encoder_steps),
+                        "--batch-size", str(args.encoder_batch_size), "--seed", str(seed), "--threads", threads]
+        if args.max_images:
+            encoder_argv += ["--max-images", str(args.max_images)]
+        stages.append(Stage(encoder_name(seed), [("demo/train_encoder.py", encoder_argv)],
+                            done=lambda argv=encoder_argv: encoder_done(argv)))
+    for seed in seeds:
+        features = os.path.join(data, f"features-{ENCODER}-full-s{seed}")
+        stages.append(Stage(f"features-s{seed}", [(tools, ["cache-features", "--source", images, "--dest", features,
+                                                           "--enc-type", ENCODER, "--enc-weights", weights[seed],
+                                                           "--kind", "full", "--workers", "0"])],
+                            deps=("data", encoder_name(seed)), done=manifest_done(features)))
     runs = {}
-    for seed in parse_list(args.seeds, int):
+    for seed in seeds:
         for method in parse_list(args.methods):
             name = run_name(method, seed)
             argv = ["--model", args.model, "--enc-type", ENCODER, "--encoder-depth", str(args.encoder_depth),
@@ -166,8 +183,8 @@ def plan(args) -> tuple[list[Stage], dict]:
                 final = read_metrics(os.path.join(exp, "metrics.jsonl")).get(args.steps, {})
                 saved = [s for s, _ in checkpoint_paths(os.path.join(exp, "checkpoints"))]
                 return any(k.startswith("fd_") for k in final) and args.steps in saved
-            stages.append(Stage(name, [("train.py", argv)], deps=("data",) if method == "SiT" else ("features",),
-                                done=finished, env={"REG_DINOV2_WEIGHTS": weights}))
+            stages.append(Stage(name, [("train.py", argv)], deps=("data",) if method == "SiT" else (f"features-s{seed}",),
+                                done=finished, env={} if method == "SiT" else {"REG_DINOV2_WEIGHTS": weights[seed]}))
     return stages, {"runs": runs, "weights": weights, "data": data}
 
 
@@ -342,8 +359,11 @@ def collect(args, runs: dict) -> dict:
     if all(m in methods for m in METHODS):
         for s in steps:
             fd = {m: [per_run[run_name(m, seed)]["fd"][s] for seed in seeds] for m in METHODS}
-            held = sum(fd["REG"][i] < fd["REPA"][i] < fd["SiT"][i] for i in range(len(seeds)))
-            ordering[s] = {"REG<REPA<SiT_seeds": held, "seeds": len(seeds),
+            n = range(len(seeds))
+            ordering[s] = {"REG<REPA<SiT_seeds": sum(fd["REG"][i] < fd["REPA"][i] < fd["SiT"][i] for i in n),
+                           "REG<REPA_seeds": sum(fd["REG"][i] < fd["REPA"][i] for i in n),
+                           "REPA<SiT_seeds": sum(fd["REPA"][i] < fd["SiT"][i] for i in n),
+                           "REG<SiT_seeds": sum(fd["REG"][i] < fd["SiT"][i] for i in n), "seeds": len(seeds),
                            "REPA-REG": mean_sd([fd["REPA"][i] - fd["REG"][i] for i in range(len(seeds))]),
                            "SiT-REPA": mean_sd([fd["SiT"][i] - fd["REPA"][i] for i in range(len(seeds))]),
                            "SiT-REG": mean_sd([fd["SiT"][i] - fd["REG"][i] for i in range(len(seeds))])}
@@ -378,14 +398,22 @@ def write_table(result: dict, path: str) -> str:
         lines.append(f"| {s} | " + " | ".join(fmt(result["summary"]["accuracy"][m][s], 1, pct=True)
                                               for m in methods) + " |")
     if result["ordering"]:
-        lines += ["", "FD gaps (per seed, then mean ± sd over seeds; positive = the first method is worse):", "",
-                  "| step | REG < REPA < SiT in | REPA − REG | SiT − REPA | SiT − REG |",
-                  "| ---: | :---: | ---: | ---: | ---: |"]
+        n = len(seeds)
+        lines += ["", (f"The paper's orderings (lower FD), in how many of the {n} seeds (each seed: its own encoder "
+                       "and training), and the FD gaps (mean ± sd over seeds; positive = the first method is worse):"),
+                  "",
+                  "| step | REG < REPA < SiT | REG < REPA | REPA < SiT | REG < SiT | REPA − REG | SiT − REPA | SiT − REG |",
+                  "| ---: | :---: | :---: | :---: | :---: | ---: | ---: | ---: |"]
         for s in steps:
             o = result["ordering"][s]
-            lines.append(f"| {s} | {o['REG<REPA<SiT_seeds']}/{o['seeds']} seeds | "
+            lines.append(f"| {s} | " + " | ".join(f"{o[k + '_seeds']}/{n}" for k in ORDERINGS) + " | "
                          + " | ".join(f"{o[g][0]:+.1f} ± {o[g][1]:.1f}" for g in ("REPA-REG", "SiT-REPA", "SiT-REG"))
                          + " |")
+    if result.get("encoders"):
+        lines += ["", "The encoders (one per seed): class-token 10-NN accuracy on the 299 held-out digits "
+                  "(random weights: " + ", ".join(f"{e['probe']['random']:.1%}" for e in result["encoders"].values())
+                  + "): " + ", ".join(f"seed {seed} {e['probe']['trained']:.1%}" for seed, e in result["encoders"].items())
+                  + "."]
     text = "\n".join(lines) + "\n"
     from fileio import atomic_write_bytes
     atomic_write_bytes(path, text.encode())
@@ -434,8 +462,11 @@ def main(argv=None) -> dict:
     result = collect(args, info["runs"])
     result["real_floor"] = real_floor(args, args.fid_num_samples)
     from fileio import atomic_write_json, read_json
-    encoder_report = read_json(info["weights"] + ".json")
-    result["encoder"] = {k: encoder_report[k] for k in ("probe", "class_token_spread", "train_seconds", "settings")}
+    result["encoders"] = {}
+    for seed, path in info["weights"].items():
+        report = read_json(path + ".json")
+        result["encoders"][seed] = {k: report[k] for k in ("sha256", "probe", "class_token_spread", "train_seconds",
+                                                           "settings")}
     result["settings"] = {k: v for k, v in vars(args).items()}
     load1 = os.getloadavg()
     wall = time.time() - t0
@@ -450,8 +481,6 @@ def main(argv=None) -> dict:
     plot(result, os.path.join(args.out, "ablation.png"))
     print()
     print(table)
-    print(f"encoder: class-token 10-NN accuracy on held-out digits {result['encoder']['probe']['trained']:.1%} "
-          f"(random weights: {result['encoder']['probe']['random']:.1%})")
     print(f"wall time {wall / 60:.1f} min; load average at start {load0[0]:.2f}, at end {load1[0]:.2f}")
     print(f"table: {os.path.join(args.out, 'table.md')} (and table.json); plot: {os.path.join(args.out, 'ablation.png')}")
     return result

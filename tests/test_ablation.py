@@ -164,11 +164,40 @@ def test_table_plot_and_gaps_from_the_runs(tmp_path):
     fd = result["summary"]["fd"]
     assert fd["SiT"][200]["per_seed"] == [25.0, 26.0] and fd["SiT"][200]["mean"] == 25.5
     assert result["ordering"][100]["REG<REPA<SiT_seeds"] == 1 and result["ordering"][200]["REG<REPA<SiT_seeds"] == 2
+    # each of the paper's orderings counted on its own: at step 100 seed 1 has REPA < REG < SiT
+    assert [result["ordering"][100][k + "_seeds"] for k in ablation.ORDERINGS] == [1, 1, 2, 2]
     assert result["ordering"][200]["REPA-REG"][0] == pytest.approx(5.0)
+    result["encoders"] = {0: {"probe": {"trained": 0.936, "random": 0.08}},
+                          1: {"probe": {"trained": 0.95, "random": 0.081}}}
     text = ablation.write_table(result, str(tmp_path / "table.md"))
-    assert "| 200 | 25.5 ± 0.7 (25.0, 26.0) |" in text and "2/2 seeds" in text and "1/2 seeds" in text
+    assert "| 200 | 25.5 ± 0.7 (25.0, 26.0) |" in text
+    assert "| 100 | 1/2 | 1/2 | 2/2 | 2/2 |" in text and "| 200 | 2/2 | 2/2 | 2/2 | 2/2 |" in text
+    assert "seed 0 93.6%, seed 1 95.0%" in text
     ablation.plot(result, str(tmp_path / "ablation.png"))
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_each_seed_trains_its_own_encoder_and_its_runs_use_it(tmp_path):
+    """The encoder is a random variable of the experiment: seed s trains encoder s (train_encoder
+    --seed s), caches its features in a folder of its own, and only seed s's REPA / REG runs read
+    them (train.py picks the cache whose weights are REG_DINOV2_WEIGHTS); SiT uses no encoder."""
+    from demo import ablation
+    stages, info = ablation.plan(ablation.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "3,5"]))
+    by_name = {s.name: s for s in stages}
+    assert [s.name for s in stages][:5] == ["data", "encoder-s3", "encoder-s5", "features-s3", "features-s5"]
+    assert len(set(info["weights"].values())) == 2
+    for seed in (3, 5):
+        (_, argv), = by_name[f"encoder-s{seed}"].calls
+        assert argv[argv.index("--seed") + 1] == str(seed) and argv[argv.index("--out") + 1] == info["weights"][seed]
+        (_, argv), = by_name[f"features-s{seed}"].calls
+        assert argv[argv.index("--enc-weights") + 1] == info["weights"][seed]
+        assert argv[argv.index("--dest") + 1].endswith(f"features-dinov2-vit-tiny-full-s{seed}")
+        assert by_name[f"features-s{seed}"].deps == ("data", f"encoder-s{seed}")
+        for method in ("REPA", "REG"):
+            stage = by_name[ablation.run_name(method, seed)]
+            assert stage.env == {"REG_DINOV2_WEIGHTS": info["weights"][seed]} and stage.deps == (f"features-s{seed}",)
+            assert stage.calls[0][1][stage.calls[0][1].index("--seed") + 1] == str(seed)
+        assert by_name[ablation.run_name("SiT", seed)].env == {}
 
 
 @pytest.mark.slow
@@ -185,14 +214,14 @@ def test_ablation_script_runs_three_runs_writes_table_and_plot_and_a_rerun_resum
     # interrupted at step 2 of 4: the rerun skips the data, encoder and features and resumes every run
     result = ablation.main(argv + ["--steps", "4"])
     printed = capsys.readouterr().out
-    assert "features: done already, skipped" in printed and "encoder: done already, skipped" in printed
+    assert "features-s0: done already, skipped" in printed and "encoder-s0: done already, skipped" in printed
     assert result["steps"] == [2, 4]
     for name, r in result["runs"].items():
         assert "(step 2)" in (out / "exps" / name / "log.txt").read_text()     # train.py: "resumed from ... (step 2)"
         assert r["fd"][2] == first["runs"][name]["fd"][2]
         assert np.isfinite(r["fd"][4]) and 0 <= r["accuracy"][4] <= 1
-    for name in ("table.md", "table.json", "ablation.png", "encoder/dinov2_vittiny14_digits.pth",
-                 "data/features-dinov2-vit-tiny-full/manifest.json"):
+    for name in ("table.md", "table.json", "ablation.png", "encoder/dinov2_vittiny14_digits-s0.pth",
+                 "data/features-dinov2-vit-tiny-full-s0/manifest.json"):
         assert (out / name).exists(), name
     assert "| 4 |" in (out / "table.md").read_text()
     args_json = json.load(open(out / "exps" / "reg-s0" / "args.json"))
