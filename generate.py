@@ -13,7 +13,8 @@ they are (their spellings --global-seed, --cls, --local-rank, --legacy, Speedrun
 A run called NAME (``--name``; by default the release's name, so that the releases' evaluation
 scripts find the file) writes {sample_dir}/NAME/ (shards), NAME.npz and NAME.json: shard_store.py.
 Everything that decides the images is in NAME.json (run_identity.py); a rerun with other settings
-into the same NAME is refused, the same command resumes. Seed schemes, sampling a batch: sampling.py.
+into the same NAME is refused, the same command resumes. The checkpoint, the decoder and the settings
+checked against the flags: sampling_run.py. Seed schemes, sampling a batch: sampling.py.
 """
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_sampling_model
+import sampling_run
 from cli import DefaultsHelpFormatter, RankZeroParser, add_runtime_args, set_tf32
 from fileio import file_sha256, remove_stale_temp_files
-from loss import PATH_TYPES, SHIFT_BASE, resolution_shift
-from models.autoencoder import VAE_ALIASES, Autoencoder, decoder_for
+from loss import PATH_TYPES, SHIFT_BASE
+from models.autoencoder import VAE_ALIASES
 from models.sit import SiT_models
 from run_identity import default_name, prepare_run, run_info, run_key, writable_error
 from runtime import Procs, one_line
 from samplers import SAMPLERS
-from sampling import (DEFAULT_DECODE_BATCH, ReleaseNoise, SampleSettings, check_replayable, decode_latents,
+from sampling import (DEFAULT_DECODE_BATCH, ReleaseNoise, check_replayable, decode_latents,
                       free_memory, model_shape, sample_latents, setting_problems, skip_release_batch)
 from shard_store import assemble, per_image_plan, rank_batches, save_pngs, valid_shards, write_shard
 
@@ -170,117 +171,6 @@ def validate_args(parser: RankZeroParser, args) -> None:
 
 
 #################################################################################
-#                        Checkpoint -> model and codec                          #
-#################################################################################
-
-def load_model(parser: RankZeroParser, args):
-    """(model in eval mode on the CPU, facts about the checkpoint); a failure is one line."""
-    try:
-        return load_sampling_model(args.ckpt, "model" if args.use_model_weights else "ema", legacy=args.legacy,
-                                   encoder_depth=args.encoder_depth, fused_attn=args.fused_attn)
-    except ValueError as e:
-        parser.error(str(e))
-
-
-def codec_spec(parser: RankZeroParser, args, facts: dict) -> str:
-    """Which decoder: models.autoencoder.decoder_for on the checkpoint's recorded codec (SD-VAE latents,
-    from the hub or a local copy, decode with the EMA decoder as released; --vae / --vae-path choose;
-    other codecs decode with themselves). Release checkpoints record none: SD-VAE latents, or whatever
-    --vae-path gives (then only its channels are checked against the model, in check_codec)."""
-    recorded = facts["codec"] or facts["autoencoder"]
-    if recorded is None and args.vae_path is not None:
-        return os.path.abspath(args.vae_path)
-    try:
-        return decoder_for(facts["codec"] or facts["autoencoder"], args.vae, args.vae_path)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(one_line(e))
-
-
-def resolve_sampler_args(parser: RankZeroParser, args, model) -> None:
-    """Defaults that depend on the checkpoint: --mode and --cls-cfg-scale."""
-    has_cls = bool(model.config["cls_token_dim"])
-    if args.mode is None:
-        args.mode = "sde" if has_cls else "ode"   # REG's 'ode' default exits (defect); REPA's samples
-    if args.heun and args.mode != "ode":
-        parser.error("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
-    if not has_cls:
-        if args.cls_cfg_scale:
-            parser.error("--cls-cfg-scale needs a REG checkpoint (this one has no class token)")
-        args.cls_cfg_scale = 0.0
-    elif args.cls_cfg_scale is None:
-        args.cls_cfg_scale = 1.5                   # the release's default
-
-
-def check_flags(parser: RankZeroParser, args, model, facts: dict) -> None:
-    """Flags that describe the architecture must agree with the checkpoint (before loading a decoder)."""
-    cfg = model.config
-    problems = []
-    if args.model is not None and args.model != facts["name"]:
-        held = facts["name"] or f"a custom SiT (depth {cfg['depth']}, width {cfg['hidden_size']}, patch {cfg['patch_size']})"
-        problems.append(f"--model {args.model} but the checkpoint holds {held}")
-    if args.num_classes is not None and args.num_classes != cfg["num_classes"]:
-        problems.append(f"--num-classes {args.num_classes} but the checkpoint has {cfg['num_classes']} classes")
-    if args.cls_token_dim is not None and args.cls_token_dim != cfg["cls_token_dim"]:
-        problems.append(f"--cls-token-dim (--cls) {args.cls_token_dim} but the checkpoint's class token has width "
-                        f"{cfg['cls_token_dim']} (0 = no class token: a REPA/SiT checkpoint)")
-    if args.projector_embed_dims is not None and list(args.projector_embed_dims) != list(cfg["z_dims"]):
-        dims = ",".join(map(str, cfg["z_dims"])) or "none"
-        problems.append(f"--projector-embed-dims {','.join(map(str, args.projector_embed_dims))} "
-                        f"but the checkpoint's projectors have widths {dims}")
-    if (args.encoder_depth is not None and facts["encoder_depth"] is not None and cfg["z_dims"]
-            and args.encoder_depth != facts["encoder_depth"]):
-        problems.append(f"--encoder-depth {args.encoder_depth} but the checkpoint was trained with {facts['encoder_depth']}")
-    if args.qk_norm is not None and args.qk_norm != cfg["qk_norm"]:
-        problems.append(f"--{'' if args.qk_norm else 'no-'}qk-norm but the checkpoint was trained "
-                        f"{'with' if cfg['qk_norm'] else 'without'} QK-norm")
-    if args.path_type is not None and facts["path_type"] and args.path_type != facts["path_type"]:
-        problems.append(f"--path-type {args.path_type} but the checkpoint was trained on the {facts['path_type']} path")
-    if args.path_drop_guidance and cfg.get("routing") != "sprint":
-        problems.append(f"--path-drop-guidance needs a checkpoint trained with --routing sprint "
-                        f"(this one has routing {cfg.get('routing', 'none')!r})")
-    if args.cfg_scale > 1.0 and cfg["class_dropout_prob"] <= 0:
-        problems.append("--cfg-scale > 1 needs a model trained with class dropout (it has no null class)")
-    if problems:
-        parser.error("checkpoint/flag mismatch: " + "; ".join(problems))
-
-
-def check_codec(parser: RankZeroParser, args, model, codec) -> int:
-    """The decoder must fit the model's latents. Returns the image resolution."""
-    cfg = model.config
-    problems = []
-    if codec.latent_channels != cfg["in_channels"]:
-        problems.append(f"the decoder {codec.spec!r} has {codec.latent_channels} latent channels but the model "
-                        f"denoises {cfg['in_channels']} (choose the codec it was trained with: --vae/--vae-path)")
-    resolution = cfg["input_size"] * codec.downsample
-    if args.resolution is not None and args.resolution != resolution:
-        problems.append(f"--resolution {args.resolution} but the checkpoint makes {resolution}px images "
-                        f"({cfg['input_size']} latents x {codec.downsample})")
-    if problems:
-        parser.error("checkpoint/decoder mismatch: " + "; ".join(problems))
-    return resolution
-
-
-def time_shift_factor(args, facts: dict, latent_shape) -> float:
-    """1 (none) unless time shifting is on (--time-shift, else the checkpoint's training args);
-    then loss.resolution_shift(latent_shape, --shift-base or the checkpoint's or SHIFT_BASE)."""
-    on = args.time_shift if args.time_shift is not None else bool(facts["time_shift"])
-    if not on:
-        return 1.0
-    base = args.shift_base or facts["shift_base"] or SHIFT_BASE
-    return float(resolution_shift(latent_shape, int(base)))
-
-
-def settings_from_args(args, model, shift: float) -> SampleSettings:
-    return SampleSettings(
-        mode=args.mode, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
-        cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-        path_type=args.path_type, time_shift=shift, path_drop_guidance=args.path_drop_guidance,
-        precision=args.precision, class_balanced=args.class_balanced,
-        num_classes=model.config["num_classes"], seed=args.seed, decode_batch_size=args.decode_batch_size,
-    )
-
-
-#################################################################################
 #                                      Run                                      #
 #################################################################################
 
@@ -338,23 +228,10 @@ def _run(parser: RankZeroParser, args, procs: Procs) -> str | None:
     device = procs.device
     if args.per_proc_batch_size == "auto":
         args.per_proc_batch_size = AUTO_BATCH.get(device.type, 32)
-    model, facts = load_model(parser, args)
-    resolve_sampler_args(parser, args, model)
-    check_flags(parser, args, model, facts)
-    spec = codec_spec(parser, args, facts)
-    try:
-        with procs.main_first():       # a download (Hugging Face) once per node, then the others read it
-            codec = Autoencoder.from_spec(spec, device=device)
-    except (OSError, ValueError, ImportError, RuntimeError) as e:
-        parser.error(f"cannot load the decoder {spec!r}: {one_line(e)} "
-                     "(--vae-path points at a local copy of a diffusers AutoencoderKL; REG_VAE_PATH at a "
-                     "local copy of the SD-VAE)")
-    resolution = check_codec(parser, args, model, codec)
-    args.path_type = args.path_type or facts["path_type"] or "linear"
+    built = sampling_run.build(parser, args, procs)
+    model, facts, spec, codec, resolution, shift, settings = (
+        built.model, built.facts, built.spec, built.codec, built.resolution, built.shift, built.settings)
     latent_shape, num_classes, cls_dim = model_shape(model)
-    shift = time_shift_factor(args, facts, latent_shape)
-    settings = settings_from_args(args, model, shift)
-    model.to(device)
     if args.compile:
         model.compile_blocks()
     world, rank, N = procs.world_size, procs.rank, args.num_fid_samples
