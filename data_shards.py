@@ -306,16 +306,7 @@ class ShardedDataset(REGDataset):
         steps = sharded_steps(data_dir)
         if steps is None:
             raise FileNotFoundError(f"no sharded data in {data_dir}: pack it with preprocessing/dataset_tools.py pack")
-        if use_features not in (True, False, "auto", "full", "cls"):
-            raise ValueError(f"use_features must be True, False, 'auto', 'full' or 'cls', got {use_features!r}")
-        if isinstance(enc_types, str):
-            enc_types = [e for e in enc_types.split(",") if e]
-        if enc_types:
-            from models.encoders import parse_enc_types
-            enc_types = parse_enc_types(enc_types)
-        self._encoder_weights = encoder_weights or {}
-        self.skip_bad, self._warned = bool(skip_bad), set()
-        self.data_dir = data_dir
+        enc_types = self._start(data_dir, use_features, enc_types, encoder_weights, skip_bad)
         self._mmaps, self._files = {}, ShardFiles()
 
         # ---- latents: the sample list, labels and codec

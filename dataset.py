@@ -226,17 +226,7 @@ class REGDataset(Dataset):
                  allow_partial: bool = False):
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory {data_dir} does not exist")
-        if use_features not in (True, False, "auto", "full", "cls"):
-            raise ValueError(f"use_features must be True, False, 'auto', 'full' or 'cls', got {use_features!r}")
-        if isinstance(enc_types, str):
-            enc_types = [e for e in enc_types.split(",") if e]
-        if enc_types:
-            from models.encoders import parse_enc_types
-            enc_types = parse_enc_types(enc_types)
-        self._encoder_weights = encoder_weights or {}
-        self.skip_bad, self._warned = bool(skip_bad), set()
-        self.data_dir = data_dir
-        self.notes = []                 # one-time remarks for the caller's log (old caches, accepted counts)
+        enc_types = self._start(data_dir, use_features, enc_types, encoder_weights, skip_bad)
         self._counts = []               # (manifest, what it records, what is listed), checked below
         steps = self._scan_steps(data_dir)
 
@@ -353,6 +343,21 @@ class REGDataset(Dataset):
             if int(manifest["resolution"]) != self.resolution:
                 raise ValueError(f"features in {fdir} were computed at {manifest['resolution']} px but the "
                                  f"dataset is {self.resolution} px")
+
+    def _start(self, data_dir: str, use_features, enc_types, encoder_weights, skip_bad) -> list[str] | None:
+        """What every layout's reader sets up first (the sharded one too); returns the parsed encoders."""
+        if use_features not in (True, False, "auto", "full", "cls"):
+            raise ValueError(f"use_features must be True, False, 'auto', 'full' or 'cls', got {use_features!r}")
+        if isinstance(enc_types, str):
+            enc_types = [e for e in enc_types.split(",") if e]
+        if enc_types:
+            from models.encoders import parse_enc_types
+            enc_types = parse_enc_types(enc_types)
+        self._encoder_weights = encoder_weights or {}
+        self.skip_bad, self._warned = bool(skip_bad), set()
+        self.data_dir = data_dir
+        self.notes = []                 # one-time remarks for the caller's log (old caches, accepted counts)
+        return enc_types
 
     def _check_counts(self, allow_partial: bool) -> None:
         """Each step's manifest records how many items it wrote; a listing (dataset.json) or training set

@@ -56,9 +56,9 @@ def name(i: int) -> str:
 
 
 def latents_manifest(n: int, r: int) -> dict:
-    from models.autoencoder import codec_identity
+    from models.autoencoder import SD_VAE_SCALE, codec_identity
     return {"kind": "latents", "format": 1, "params": {"source": "synthetic"}, "autoencoder": LATENT_SPEC,
-            "codec": codec_identity(LATENT_SPEC), "scale": 0.18215, "bias": 0.0, "latent_channels": 4,
+            "codec": codec_identity(LATENT_SPEC), "scale": SD_VAE_SCALE, "bias": 0.0, "latent_channels": 4,
             "downsample": 8, "moments_shape": [8, r // 8, r // 8], "dtype": "float32", "resolution": r,
             "num_files": n, "num_classes": 1000}
 
