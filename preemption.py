@@ -73,9 +73,12 @@ class StopRequest:
 def ignore_signals_in_worker(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: SLURM signals every process of the job step and Ctrl-C the
     whole process group; a loader worker killed by them would end the run with a 'worker killed'
-    error before it could save. The workers ignore them; the training process stops them."""
+    error before it could save. The workers ignore SIGUSR1 (SLURM's --signal, the advised warning) and
+    Ctrl-C; not SIGTERM, which is how the loader (and Python at exit) stops its workers: a worker deaf
+    to it would keep the finished run from exiting."""
     for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def marker_path(exp_dir: str) -> str:

@@ -98,7 +98,7 @@ def train_rows(args, sz, device, encoder, dev_name):
                 flops = train_flops_per_image(model, sz.resolution // 8, 4, encoder.embed_dim, [encoder.embed_dim], sz.projector_dim,
                                               sz.encoder if mode == "online" else None, sz.resolution)
                 rows.append(row("train", model, setting, mode, img_s, flops * img_s / (peak * 1e12) if peak else None, mem,
-                                f"loss {out['loss'].item():.4f}"))
+                                f"loss {out['loss_final'].item():.4f}"))
                 del step
                 free(device)
     return rows
@@ -111,7 +111,7 @@ def finite_rows(sz, device, encoder, model):
         step, _ = build_variant(variant_args(sz, model, precision, False, False), "project", "cached", device, encoder, None)
         torch.manual_seed(0)
         outs = [step() for _ in range(sz.loss_steps)]
-        losses = torch.stack([o["loss"] for o in outs]).float().cpu()
+        losses = torch.stack([o["loss_final"] for o in outs]).float().cpu()
         finite = int(torch.isfinite(losses).sum())
         skipped = int(sum(int(not bool(o["finite"])) for o in outs))
         rows.append(row("finite", model, precision, "cached",
@@ -127,7 +127,7 @@ def compile_rows(sz, device, encoder, model, steps: int = 3):
     for compile_ in (False, True):
         step, _ = build_variant(variant_args(sz, model, "bf16", compile_, False), "project", "cached", device, encoder, None)
         torch.manual_seed(1)
-        losses[compile_] = torch.stack([step()["loss"].float() for _ in range(steps)]).cpu()
+        losses[compile_] = torch.stack([step()["loss_final"].float() for _ in range(steps)]).cpu()
         del step
         free(device)
     rel = ((losses[True] - losses[False]).abs() / losses[False].abs()).max().item()

@@ -157,6 +157,6 @@ def test_two_runs_started_on_one_folder_the_second_is_refused_the_first_complete
     assert first.returncode == 0, err[-3000:]
     with open(metrics) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, steps + 1))   # every step once
-    ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    ckpts = sorted(f for f in os.listdir(tmp_path / "run" / "checkpoints") if f.endswith(".pt"))
     assert ckpts == [f"{s:07d}.pt" for s in (5, 10)]
     assert not (tmp_path / "run" / ".lock").exists()
