@@ -32,7 +32,7 @@ from loss import PATH_TYPES, SHIFT_BASE
 from models.autoencoder import VAE_ALIASES
 from models.sit import SiT_models
 from run_identity import default_name, prepare_run, run_info, run_key, writable_error
-from runtime import Procs, one_line
+from runtime import Procs, check_launcher, one_line
 from samplers import SAMPLERS
 from sampling import (DEFAULT_DECODE_BATCH, ReleaseNoise, check_replayable, decode_latents,
                       free_memory, model_shape, sample_latents, setting_problems, skip_release_batch)
@@ -168,6 +168,10 @@ def validate_args(parser: RankZeroParser, args) -> None:
             parser.error(f"--projector-embed-dims must be comma-separated integers, got {args.projector_embed_dims!r}")
     if not os.path.isfile(args.ckpt):
         parser.error(f"checkpoint not found: {args.ckpt} (--ckpt)")
+    try:
+        check_launcher("eval.sh")
+    except ValueError as e:
+        parser.error(str(e))
 
 
 #################################################################################

@@ -44,17 +44,18 @@ def launcher_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def check_launcher() -> None:
+def check_launcher(script: str = "train.sh") -> None:
     """Refuse N processes that no launcher tied together: ``srun`` with several tasks starts N
     copies of the script and sets SLURM_PROCID / SLURM_STEP_NUM_TASKS but not RANK / WORLD_SIZE,
-    so each copy would be a separate one-process run writing the same folder. Raises ValueError
-    with one line saying what to run instead."""
+    so each copy would be a separate one-process run writing the same folder. ``script`` is what
+    the message tells to run under srun (train.sh, eval.sh). Raises ValueError with one line saying
+    what to run instead."""
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if tasks > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
         raise ValueError(
             f"srun started {tasks} tasks but no launcher set RANK / WORLD_SIZE: they would be {tasks} separate runs "
-            "writing one folder; run one task per node that starts the launcher (srun --ntasks-per-node=1 bash "
-            "train.sh ..., or srun --ntasks-per-node=1 torchrun --nnodes $SLURM_NNODES --nproc_per_node 8 ...), "
+            f"writing one folder; run one task per node that starts the launcher (srun --ntasks-per-node=1 bash "
+            f"{script} ..., or srun --ntasks-per-node=1 torchrun --nnodes $SLURM_NNODES --nproc_per_node 8 ...), "
             "or export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID MASTER_ADDR MASTER_PORT")
 
 

@@ -99,6 +99,21 @@ def test_srun_tasks_without_a_launcher_are_refused_with_the_command_to_use(monke
     check_launcher()                                         # one task (a batch script, srun -n 1): fine
 
 
+def test_generate_refuses_srun_tasks_without_a_launcher_before_loading_anything(monkeypatch, tmp_path, capsys):
+    import generate
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    ckpt = tmp_path / "0000010.pt"
+    ckpt.write_bytes(b"not read: the launcher check comes first")
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--ckpt", str(ckpt), "--sample-dir", str(tmp_path / "samples"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "srun started 4 tasks" in err and "bash eval.sh" in err
+    assert not (tmp_path / "samples").exists()
+
+
 def test_progress_in_a_batch_log_is_a_line_every_interval_not_a_redrawn_bar(caplog):
     import logging
     caplog.set_level(logging.INFO, logger="train")
