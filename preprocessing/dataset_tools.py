@@ -734,7 +734,6 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
     ranks = Procs(device)
     try:
         resolution = _source_resolution(src, src_manifest)
-        keys = [image_key(f) for f in src.files]
         record = encoder_record(enc_type, resolution)
         weights = weights_record(enc_type, enc_weights)       # one-line error when they cannot be found
         params = {"source": src.path, "source_fingerprint": src.fingerprint(), "encoder": enc_type, "kind": kind,
@@ -753,59 +752,14 @@ def cache_features(source: str, enc_type: str, kind: str = "full", dest: str | N
         if ranks.rank == 0:
             open_step(dest, "features", params)
         ranks.barrier()
+        facts = {"kind": "features", "format": FORMAT_VERSION, "features_format": FEATURES_FORMAT,
+                 "params": params, "encoder": enc_type, "family": record["family"], "encoder_record": record,
+                 "weights": weights, "feature_kind": kind, "embed_dim": encoder.embed_dim,
+                 "num_tokens": encoder.num_tokens, "dtype": dtype, "resolution": resolution,
+                 "item_shape": [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]}
         if shard_size:
-            facts = {"kind": "features", "format": FORMAT_VERSION, "features_format": FEATURES_FORMAT,
-                     "params": params, "encoder": enc_type, "family": record["family"], "encoder_record": record,
-                     "weights": weights, "feature_kind": kind, "embed_dim": encoder.embed_dim,
-                     "num_tokens": encoder.num_tokens, "dtype": dtype, "resolution": resolution,
-                     "item_shape": [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]}
             return _features_shards(src, dest, encoder, ranks, facts, shard_size, batch_size, workers, status)
-
-        num_chunks = (len(keys) + chunk_size - 1) // chunk_size
-        bounds = [(c * chunk_size, min(len(keys), (c + 1) * chunk_size)) for c in range(num_chunks)]
-        todo = [c for c in range(ranks.rank, num_chunks, ranks.world_size)
-                if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
-        rels = [src.files[i] for c in todo for i in range(*bounds[c])]
-        autocast = torch.autocast(ranks.device.type, dtype=torch.float16,
-                                  enabled=precision == "fp16" and ranks.device.type == "cuda")
-        pending, filled, current = [], 0, 0
-        with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
-            for pos, images in _batches(src, rels, batch_size, workers, ranks.device, resolution):
-                x = images.to(ranks.device, non_blocking=True)                      # (B, 3, R, R) uint8
-                with autocast:
-                    cls, tokens = encoder(x)                                      # (B, Z), (B, 1 + T, Z)
-                # cast on the device (half the bytes to copy for fp16), one host copy
-                out = (cls if kind == "cls" else tokens).to(TORCH_DTYPES[dtype]).cpu().numpy()
-                pending.append(out)
-                filled += len(out)
-                bar.update(len(pos))
-                # Flush every chunk that is now complete (a batch may straddle chunk boundaries).
-                while current < len(todo) and filled >= bounds[todo[current]][1] - bounds[todo[current]][0]:
-                    need = bounds[todo[current]][1] - bounds[todo[current]][0]
-                    block = np.concatenate(pending, axis=0)
-                    write_chunk(dest, todo[current], block[:need])
-                    pending, filled, current = [block[need:]], filled - need, current + 1
-        ranks.barrier()
-
-        if ranks.rank == 0:
-            missing = [c for c in range(num_chunks) if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
-            if missing:
-                raise ValueError(f"{len(missing)} feature chunks missing (e.g. {chunk_name(missing[0])}); a rank "
-                                 f"failed? rerun the same command")
-            item_shape = [encoder.embed_dim] if kind == "cls" else [encoder.num_tokens, encoder.embed_dim]
-            checksums = gather_checksums(dest, num_chunks)
-            finish_step(dest, {
-                "kind": "features", "format": FORMAT_VERSION, "features_format": FEATURES_FORMAT, "params": params,
-                "encoder": enc_type, "family": record["family"], "encoder_record": record, "weights": weights,
-                "feature_kind": kind, "embed_dim": encoder.embed_dim, "num_tokens": encoder.num_tokens,
-                "item_shape": item_shape, "dtype": dtype, "resolution": resolution,
-                "chunk_size": chunk_size, "num_chunks": num_chunks, "num_images": len(keys), "keys": keys,
-                "checksums": checksums})
-            for c in range(num_chunks):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(dest, sums_name(c)))
-        ranks.barrier()
-        return {"status": status, "written_chunks": len(todo), "dest": dest}
+        return _features_chunks(src, dest, encoder, ranks, facts, chunk_size, batch_size, workers, status)
     finally:
         ranks.close()
 
@@ -957,24 +911,54 @@ def verify_sharded(data_dir: str, delete: bool = False) -> dict:
     return {"status": "checked", "damaged": len(bad)}
 
 
+def _encoder_outputs(src, rels, encoder, ranks, facts, batch_size, workers):
+    """The stored encoder outputs of the images ``rels``, in order: a stream of (B, Z) or (B, 1 + T, Z)
+    arrays in the storage dtype (cast on the device: half the bytes to copy for float16)."""
+    autocast = torch.autocast(ranks.device.type, dtype=torch.float16,
+                              enabled=facts["params"]["precision"] == "fp16" and ranks.device.type == "cuda")
+    with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
+        for pos, images in _batches(src, rels, batch_size, workers, ranks.device, facts["resolution"]):
+            with autocast:
+                cls, tokens = encoder(images.to(ranks.device, non_blocking=True))   # (B, Z), (B, 1 + T, Z)
+            out = cls if facts["feature_kind"] == "cls" else tokens
+            yield out.to(TORCH_DTYPES[facts["dtype"]]).cpu().numpy()
+            bar.update(len(pos))
+
+
+def _features_chunks(src, dest, encoder, ranks, facts, chunk_size, batch_size, workers, status) -> dict:
+    """cache-features: chunks of chunk_size images in sorted image-name order; each rank computes its
+    unwritten chunks, rank 0 gathers their checksums into the manifest."""
+    keys = [image_key(f) for f in src.files]
+    num_chunks = (len(keys) + chunk_size - 1) // chunk_size
+    bounds = [(c * chunk_size, min(len(keys), (c + 1) * chunk_size)) for c in range(num_chunks)]
+    todo = [c for c in range(ranks.rank, num_chunks, ranks.world_size)
+            if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
+    rels = [src.files[i] for c in todo for i in range(*bounds[c])]
+    stream = _encoder_outputs(src, rels, encoder, ranks, facts, batch_size, workers)
+    for block, c in zip(_blocks(stream, [bounds[c][1] - bounds[c][0] for c in todo]), todo):
+        write_chunk(dest, c, block)
+    ranks.barrier()
+    if ranks.rank == 0:
+        missing = [c for c in range(num_chunks) if not os.path.isfile(os.path.join(dest, chunk_name(c)))]
+        if missing:
+            raise ValueError(f"{len(missing)} feature chunks missing (e.g. {chunk_name(missing[0])}); a rank "
+                             f"failed? rerun the same command")
+        finish_step(dest, {**facts, "chunk_size": chunk_size, "num_chunks": num_chunks, "num_images": len(keys),
+                           "keys": keys, "checksums": gather_checksums(dest, num_chunks)})
+        for c in range(num_chunks):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(dest, sums_name(c)))
+    ranks.barrier()
+    return {"status": status, "written_chunks": len(todo), "dest": dest}
+
+
 def _features_shards(src, dest, encoder, ranks, facts, shard_size, batch_size, workers, status) -> dict:
     """cache-features --shards: each rank computes its unwritten shards; rank 0 writes the manifest."""
     keys = [image_key(f) for f in src.files]
     order, num_shards, todo, sizes = _shard_plan(keys, shard_size, ranks.rank, ranks.world_size, dest, "features")
     rels = [src.files[order[i]] for k in todo for i in range(k * shard_size, min(len(keys), (k + 1) * shard_size))]
-    autocast = torch.autocast(ranks.device.type, dtype=torch.float16,
-                              enabled=facts["params"]["precision"] == "fp16" and ranks.device.type == "cuda")
-
-    def outputs():
-        with tqdm(total=len(rels), desc=f"features[{ranks.rank}]", unit="img", disable=ranks.rank != 0) as bar:
-            for pos, images in _batches(src, rels, batch_size, workers, ranks.device, facts["resolution"]):
-                with autocast:
-                    cls, tokens = encoder(images.to(ranks.device, non_blocking=True))   # (B, Z), (B, 1 + T, Z)
-                out = cls if facts["feature_kind"] == "cls" else tokens
-                yield out.to(TORCH_DTYPES[facts["dtype"]]).cpu().numpy()
-                bar.update(len(pos))
-
-    for k, block in zip(todo, _blocks(outputs(), sizes)):
+    stream = _encoder_outputs(src, rels, encoder, ranks, facts, batch_size, workers)
+    for block, k in zip(_blocks(stream, sizes), todo):
         write_shard(dest, k, "features", array_shard_bytes(block))
     ranks.barrier()
     if ranks.rank == 0:
