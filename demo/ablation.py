@@ -1,6 +1,6 @@
 """The paper's central comparison at CPU scale: SiT vs REPA vs REG at equal steps, on the digits.
 
-    python demo/ablation.py [--out ablation_out] [--seeds 0,1,2] [--steps 400] [--jobs 2] ...
+    python demo/ablation.py [--out ablation_out] [--seeds 0,1,2,3,4] [--steps 400] [--jobs 2] ...
 
 (Wall times measured on the shared 2-core machine: README, "SiT vs REPA vs REG".)
 
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="SiT vs REPA vs REG at equal steps on the built-in digits.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="ablation_out", help="everything the experiment writes goes here")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each: an encoder and three runs)")
+    p.add_argument("--seeds", default="0,1,2,3,4",
+                   help="comma-separated seeds (each: an encoder and three runs; 5: at 3 the spread left the step-200 order open)")
     p.add_argument("--methods", default="SiT,REPA,REG", help="subset of SiT,REPA,REG")
     p.add_argument("--jobs", type=int, default=2, help="stages run at once as processes (0: all in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage")
@@ -330,6 +331,23 @@ def real_floor(args, k: int, draws: int = 20) -> tuple:
     return mean_sd(fds)
 
 
+def platform_name() -> str:
+    """What the per-seed values depend on besides the code and the seeds: torch and the CPU kernel
+    family it dispatches to (AVX2 / AVX512 round float reductions differently; the encoder's training
+    amplifies that). Same spelling as tests/test_ablation_pins.py's platforms."""
+    import torch
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
 def collect(args, runs: dict) -> dict:
     from online_eval import suffix
     k = suffix(args.fid_num_samples)
@@ -409,6 +427,12 @@ def write_table(result: dict, path: str) -> str:
             lines.append(f"| {s} | " + " | ".join(f"{o[k + '_seeds']}/{n}" for k in ORDERINGS) + " | "
                          + " | ".join(f"{o[g][0]:+.1f} ± {o[g][1]:.1f}" for g in ("REPA-REG", "SiT-REPA", "SiT-REG"))
                          + " |")
+    platforms = sorted({f"{i['platform']} ({i['cpu']})" for i in result.get("invocations", []) if "platform" in i})
+    if len(platforms) == 1:
+        lines += ["", f"Measured on {platforms[0]}; the per-seed values are bit for bit on that platform only."]
+    elif platforms:
+        lines += ["", f"Measured on several platforms ({'; '.join(platforms)}): the stages of one seed may come "
+                      "from different ones, so its values are not those of any single platform."]
     if result.get("encoders"):
         lines += ["", "The encoders (one per seed): class-token 10-NN accuracy on the 299 held-out digits "
                   "(random weights: " + ", ".join(f"{e['probe']['random']:.1%}" for e in result["encoders"].values())
@@ -475,7 +499,8 @@ def main(argv=None) -> dict:
     result["invocations"] = previous + [{"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                                          "wall_seconds": wall, "stage_seconds": timings,
                                          "load_average_start": load0, "load_average_end": load1,
-                                         "seeds": args.seeds, "jobs": args.jobs, "threads": args.threads}]
+                                         "seeds": args.seeds, "jobs": args.jobs, "threads": args.threads,
+                                         "platform": platform_name(), "cpu": cpu_model()}]
     atomic_write_json(os.path.join(args.out, "table.json"), result)
     table = write_table(result, os.path.join(args.out, "table.md"))
     plot(result, os.path.join(args.out, "ablation.png"))

@@ -173,6 +173,15 @@ def test_table_plot_and_gaps_from_the_runs(tmp_path):
     assert "| 200 | 25.5 ± 0.7 (25.0, 26.0) |" in text
     assert "| 100 | 1/2 | 1/2 | 2/2 | 2/2 |" in text and "| 200 | 2/2 | 2/2 | 2/2 | 2/2 |" in text
     assert "seed 0 93.6%, seed 1 95.0%" in text
+    assert "Measured on" not in text                      # no invocation recorded its platform
+    one = {"platform": "torch 2.14.1+cu130, AVX512", "cpu": "Xeon"}
+    result["invocations"] = [dict(one), dict(one), {"wall_seconds": 1.0}]
+    text = ablation.write_table(result, str(tmp_path / "table.md"))
+    assert "Measured on torch 2.14.1+cu130, AVX512 (Xeon); the per-seed values are bit for bit" in text
+    result["invocations"].append({"platform": "torch 2.14.1+cu130, AVX2", "cpu": "EPYC"})
+    text = ablation.write_table(result, str(tmp_path / "table.md"))
+    assert "several platforms (torch 2.14.1+cu130, AVX2 (EPYC); torch 2.14.1+cu130, AVX512 (Xeon))" in text
+    assert ablation.platform_name() == f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
     ablation.plot(result, str(tmp_path / "ablation.png"))
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
 
