@@ -334,7 +334,7 @@ def real_floor(args, k: int, draws: int = 20) -> tuple:
 def platform_name() -> str:
     """What the per-seed values depend on besides the code and the seeds: torch and the CPU kernel
     family it dispatches to (AVX2 / AVX512 round float reductions differently; the encoder's training
-    amplifies that). Same spelling as tests/test_ablation_pins.py's platforms."""
+    amplifies that). tests/test_ablation_pins.py keeps its pins under this name."""
     import torch
     return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
 

@@ -27,7 +27,8 @@ AVX2, AVX512 = "torch 2.14.1+cu130, AVX2", "torch 2.14.1+cu130, AVX512"
 
 
 def platform() -> str:
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+    from demo.ablation import platform_name        # the name the ablation's table gives its platform
+    return platform_name()
 
 
 def pins_here(by_platform: dict) -> dict:
