@@ -60,6 +60,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fid-seed", type=int, default=0, help="seed of the K images' noises and labels")
     g.add_argument("--fid-batch-size", type=int, default=64, help="images per process and sampler call")
     g.add_argument("--fid-class-balanced", action="store_true", help="label of image i = i %% num_classes")
+    g.add_argument("--fid-path-drop-guidance", action="store_true",
+                   help="path-drop guidance (--routing sprint only), as generate.py --path-drop-guidance")
 
 
 def check_args(args, parser) -> None:
@@ -72,6 +74,9 @@ def check_args(args, parser) -> None:
     problems = setting_problems({k: getattr(args, "fid_" + k) for k in keys}, name=lambda k: "--fid-" + k.replace("_", "-"))
     if problems:
         parser.error("; ".join(problems))
+    if args.fid_path_drop_guidance and args.routing != "sprint":
+        parser.error(f"--fid-path-drop-guidance needs --routing sprint (the model's path-drop steps), "
+                     f"got --routing {args.routing}")
 
 
 def suffix(k: int) -> str:
@@ -93,6 +98,7 @@ class OnlineEvaluation:
             cls_cfg_scale=args.fid_cls_cfg_scale if model.cls_token_dim else 0.0,
             guidance_low=args.fid_guidance_low, guidance_high=args.fid_guidance_high, path_type=args.path_type,
             time_shift=run.objective.loss.time_shift, class_balanced=args.fid_class_balanced, seed=args.fid_seed,
+            path_drop_guidance=args.fid_path_drop_guidance,
             precision=args.precision)    # the run's precision (the online number only; generate.py: --precision)
         devices = [run.device] if run.device.type == "cuda" else []
         # building networks draws random initial weights: keep that off the training's RNG streams

@@ -89,3 +89,34 @@ def test_two_processes_give_the_numbers_of_one(digits_data, tmp_path, fid_inputs
     one, two = records(tmp_path / "one")[2], records(tmp_path / "two")[2]
     scores = [k for k in one if k.endswith("_5")]
     assert len(scores) == 5 and all(one[k] == pytest.approx(two[k], rel=1e-6) for k in scores), (one, two)
+
+
+def test_path_drop_guidance_during_training_scores_what_generate_samples_with_it(digits_data, tmp_path, capsys):
+    """--fid-path-drop-guidance: the online digits FD of a SPRINT run is that of generate.py
+    --path-drop-guidance on the same checkpoint and settings (same images: per-image seeds), differs
+    from plain guidance's, and leaves training untouched; without --routing sprint it is one line."""
+    import generate
+    import numpy as np
+    from evaluations.digits import DigitsMetric
+    sampler = dict(fid_metric="digits", fid_num_samples=10, fid_num_steps=3, fid_batch_size=5, fid_mode="sde",
+                   fid_cfg_scale=3, fid_cls_cfg_scale=3, fid_guidance_low=0, fid_guidance_high=1, fid_seed=0,
+                   fid_class_balanced=None)
+    sprint = dict(routing="sprint", route_start=2, route_end=3, path_drop=0.5, ema_decay=0.5)
+    for name, pdg in (("pdg", {"fid_path_drop_guidance": None}), ("cfg", {})):
+        train.main(train_args(digits_data, tmp_path, name, 2, fid_every=2, checkpointing_steps=2, **sampler,
+                              **sprint, **pdg))
+    online = {name: records(tmp_path / name)[2]["fd_10"] for name in ("pdg", "cfg")}
+    assert online["pdg"] != online["cfg"]
+    a, b = (checkpoint.load_checkpoint(str(tmp_path / f"{n}/checkpoints/0000002.pt")) for n in ("pdg", "cfg"))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])           # same training either way
+    generate.main(["--ckpt", str(tmp_path / "pdg/checkpoints/0000002.pt"), "--sample-dir", str(tmp_path / "s"),
+                   "--name", "pdg", "--device", "cpu", "--num-fid-samples", "10", "--per-proc-batch-size", "5",
+                   "--mode", "sde", "--num-steps", "3", "--cfg-scale", "3", "--cls-cfg-scale", "3",
+                   "--guidance-low", "0", "--guidance-high", "1", "--global-seed", "0", "--class-balanced",
+                   "--path-drop-guidance"])
+    with np.load(tmp_path / "s" / "pdg.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert DigitsMetric().evaluate(images, labels)["fd"] == online["pdg"]
+    with pytest.raises(SystemExit):
+        train.main(train_args(digits_data, tmp_path, "dense", 2, fid_every=2, **sampler, fid_path_drop_guidance=None))
+    assert "--fid-path-drop-guidance needs --routing sprint" in capsys.readouterr().err.strip().splitlines()[-1]
